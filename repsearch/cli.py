@@ -1,0 +1,196 @@
+"""The ``repsearch`` command line (click): ``run``, ``validate``, ``spaces``, ``ui``.
+
+User mistakes (:class:`repsearch.errors.UserError`) print one line ``repsearch: error: ...`` on stderr
+and exit with status 2, no traceback; anything else is a bug and keeps its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from repsearch.errors import UserError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"repsearch: error: {message}", err=True)
+    sys.exit(2)
+
+
+def user_errors(fn):
+    """Turn a :class:`UserError` raised by a command into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    return wrapper
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_device(device: str) -> str:
+    import torch
+
+    from repsearch.spec import RecipeError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise RecipeError(f"--device: '{device}' is not a torch device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"--device: '{device}' asked for but CUDA is not available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise RecipeError(f"--device: '{device}': only cpu and cuda are supported")
+    return device
+
+
+def _load(recipe_path: str, profile: Optional[str], sets: tuple[str, ...]):
+    from repsearch.preflight import check_recipe
+    from repsearch.spec import load_recipe
+
+    recipe, resolved = load_recipe(recipe_path, profile, sets)
+    check_recipe(recipe, recipe_path)
+    return recipe, resolved
+
+
+_common = [
+    click.argument("recipe", type=click.Path(dir_okay=False)),
+    click.option("--profile", "-p", default=None, help="A profile of the recipe (e.g. smoke)."),
+    click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a dotted field (YAML value); repeatable, last wins."),
+]
+
+
+def common_options(fn):
+    for deco in reversed(_common):
+        fn = deco(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """repsearch: structural re-parameterization (DyRep, RepAn, RepOpt) as searchable experiments."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@common_options
+@click.option("--data-root", default=None, help="Data root (> REPSEARCH_DATA > recipe data.root).")
+@click.option("--runs-dir", default=None, help="Runs folder (MLflow + Optuna stores); default ./runs.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (> MLFLOW_TRACKING_URI).")
+@click.option("--storage", default=None, help="Optuna storage: sqlite:///..., postgresql://... or a journal file path.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@user_errors
+def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, device, no_progress):
+    """Run RECIPE: every sweep point (or the single configuration) not yet complete, then print the
+    comparison table."""
+    from rich.console import Console
+
+    from repsearch.data import find_layout, resolve_data_root
+    from repsearch.report import comparison_table
+    from repsearch.sweep import run_study
+    from repsearch.tracking import resolve_stores
+
+    rec, _ = _load(recipe, profile, sets)
+    device = _check_device(device or _default_device())
+    root = resolve_data_root(data_root, rec.data.root)
+    if not rec.data.download:
+        find_layout(root, rec.data.dataset, rec.data.format)
+    stores = resolve_stores(rec, recipe, runs_dir=runs_dir, tracking_uri=tracking_uri, storage=storage)
+    console = Console(stderr=False)
+    summary = run_study(
+        rec, recipe, profile, stores, device=device, data_root=str(root), console=console, progress=not no_progress
+    )
+    if summary.rows:
+        console.print(comparison_table(summary.rows, title=summary.study_name))
+    if summary.pareto:
+        console.print(summary.pareto)
+    console.print(
+        f"runs folder: {stores.runs_dir}  (MLflow UI: repsearch ui --runs-dir {stores.runs_dir})"
+    )
+    if summary.failures:
+        for point, seed, err in summary.failures:
+            click.echo(f"repsearch: trial failed: {point} seed {seed}: {err}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@common_options
+@user_errors
+def validate(recipe, profile, sets):
+    """Check RECIPE, print the resolved recipe, the number of trials and the study's cost estimate."""
+    from rich.console import Console
+
+    from repsearch.preflight import cost_estimate
+    from repsearch.spec import recipe_yaml, study_name
+    from repsearch.sweep import plan_points
+
+    rec, _ = _load(recipe, profile, sets)
+    console = Console()
+    console.print(recipe_yaml(rec), markup=False, highlight=False)
+    points = plan_points(rec)
+    est = cost_estimate(rec, points)
+    console.print(f"study: {study_name(recipe, profile, rec)}")
+    console.print(f"trials: {est['n_trials']} ({est['n_configurations']} configurations x {est['n_seeds']} seeds)")
+    console.print(
+        f"cost estimate: {est['train_images']:,} training images ({est['train_images_per_trial']:,} per trial: "
+        f"{rec.train.epochs} epochs x {est['n_train']:,} images), {est['eval_images']:,} evaluation images"
+    )
+
+
+@main.command()
+@user_errors
+def spaces():
+    """List the operation spaces (spaces/*.yaml) and the branch types."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from repsearch.spaces import BRANCH_KINDS, list_spaces
+
+    table = Table(title="operation spaces")
+    table.add_column("space")
+    table.add_column("branches")
+    table.add_column("description")
+    for name, (description, branches) in sorted(list_spaces().items()):
+        table.add_row(name, ", ".join(branches), description)
+    console = Console()
+    console.print(table)
+    console.print("branch types: " + ", ".join(BRANCH_KINDS))
+
+
+@main.command()
+@click.option("--runs-dir", default=None, help="Runs folder (default ./runs or mlflow.yaml).")
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1).")
+@click.option("--port", default=None, type=int, help="Port (default from mlflow.yaml, 5000).")
+@user_errors
+def ui(runs_dir, host, port):
+    """Open the MLflow UI on the runs folder (needs the `ui` extra: full mlflow)."""
+    import shutil
+
+    from repsearch.tracking import ui_command
+
+    cmd = ui_command(runs_dir=runs_dir, host=host, port=port)
+    if shutil.which(cmd[0]) is None:
+        raise UserError("the MLflow UI needs the full mlflow package: pip install -e '.[ui]' -c constraints.txt")
+    click.echo(" ".join(cmd), err=True)
+    os.execvp(cmd[0], cmd)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,736 @@
+"""Saliency scores of convolutions for DyRep's Rep step (a registry of metrics).
+
+An *operation* ``o`` is one ``nn.Conv2d`` with kernel ``θ`` of shape ``(C_out, C_in/groups, K, K)``;
+``g = ∂L/∂θ`` (same shape) is the gradient of the training loss on one batch. Every metric maps an
+op to one real number ``S_o``; the op with the largest score is re-parameterized ("argmax of the
+scores" is the selection rule for every metric; ties go to the op that comes first in the ops'
+order). Metrics (DyRep main paper Eq. 3-4, supplementary A.3 Eq. 11-15):
+
+==========  ===========================================  ==========================================
+name        S_o                                          source
+==========  ===========================================  ==========================================
+random      ``U[0, 1)`` i.i.d. per op                    DyRep supp. Eq. 11
+grad_norm   ``‖g‖₂``                                     DyRep supp. Eq. 12
+snip        ``Σ_i |g_i θ_i|``                            DyRep supp. Eq. 13; Lee et al. 2019 (SNIP)
+grasp       ``Σ_i −(H g)_i θ_i``                         DyRep supp. Eq. 14; Wang et al. 2020 (GraSP)
+synflow     ``Σ_i g_i θ_i`` (signed)                     DyRep main Eq. 3-4 = supp. Eq. 15
+vote        most votes of grad_norm/snip/grasp/synflow   DyRep supp. A.3 (rule: repsearch, below)
+==========  ===========================================  ==========================================
+
+``synflow`` here is DyRep's signed first-order saliency on the training batch's gradients (as in
+the official code), NOT Tanaka et al.'s data-free SynFlow (|θ| network, all-ones input).
+
+The *free* metrics (grad_norm, snip, synflow) reuse the gradients of the ordinary training step:
+:class:`SaliencyAccumulator` adds their per-op values to one device tensor after every backward,
+with no host synchronisation, and averages them over the steps since the last reset (DyRep
+Algorithm 1: scores averaged over the epochs since the last adjustment). ``random`` is drawn at
+selection time from a caller-seeded generator. ``grasp`` needs a Hessian-gradient product, so it
+is computed only at adjustment time on a few training batches (:func:`grasp_scores`). ``vote``
+combines grad_norm, snip, grasp and synflow (:func:`vote_scores`).
+
+New metrics are added with :func:`register_metric` (selection-time scorer) and
+:func:`register_step_metric` (per-step reducer accumulated by :class:`SaliencyAccumulator`).
+
+This module imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METRICS",
+    "FREE_METRICS",
+    "REGISTRY",
+    "STEP_REDUCERS",
+    "MetricSpec",
+    "StepReducer",
+    "StepTensors",
+    "SelectionContext",
+    "STEP_METRICS",
+    "available_metrics",
+    "get_metric",
+    "register_metric",
+    "register_step_metric",
+    "SaliencyAccumulator",
+    "random_scores",
+    "grasp_scores",
+    "vote_scores",
+    "argmax_op",
+    "select_op",
+]
+
+#: The built-in metrics, in the order of DyRep supp. Table 10 (``vote`` last).
+METRICS: tuple[str, ...] = ("random", "grad_norm", "snip", "grasp", "synflow", "vote")
+#: Metrics that need no extra forward/backward pass: they use the training step's gradients
+#: (``random`` uses none at all).
+FREE_METRICS: tuple[str, ...] = ("random", "grad_norm", "snip", "synflow")
+#: The metrics that vote in ``vote`` (repsearch's rule, METHODS.md: DyRep gives no details).
+VOTERS: tuple[str, ...] = ("grad_norm", "snip", "grasp", "synflow")
+
+
+# --------------------------------------------------------------------------------------------
+# Registries
+# --------------------------------------------------------------------------------------------
+
+
+class StepTensors:
+    """The tensors one training step offers to the per-step reducers.
+
+    Attributes:
+        weights: kernels ``θ`` of the ops whose gradient exists this step, each
+            ``(C_out, C_in/groups, K, K)``, detached.
+        grads: their gradients ``g = ∂L/∂θ`` (same shapes), AS STORED in ``.grad`` (possibly
+            multiplied by a loss scale: the accumulator unscales the reducers' results).
+
+    ``grad_times_weight`` (``[g ⊙ θ]``, same shapes) is computed once and shared by the reducers
+    that need it (snip, synflow).
+    """
+
+    def __init__(self, weights: list[Tensor], grads: list[Tensor]) -> None:
+        self.weights = weights
+        self.grads = grads
+        self._gw: list[Tensor] | None = None
+
+    @property
+    def grad_times_weight(self) -> list[Tensor]:
+        """``[g ⊙ θ]`` per op (one multi-tensor kernel, cached for the step)."""
+        if self._gw is None:
+            self._gw = torch._foreach_mul(self.grads, self.weights)
+        return self._gw
+
+
+@dataclass(frozen=True)
+class StepReducer:
+    """A per-step metric: ``fn(StepTensors) -> list of 0-dim tensors`` (one per op given).
+
+    ``grad_degree`` is the degree of homogeneity of the value in ``g`` (value(s·g) =
+    s**grad_degree · value(g), s > 0): the accumulator unscales loss-scaled gradients by dividing
+    the value by ``grad_scale ** grad_degree`` instead of copying every gradient.
+    """
+
+    name: str
+    fn: Callable[[StepTensors], list[Tensor]]
+    grad_degree: int = 1
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A selection-time metric.
+
+    Attributes:
+        name: the metric's name (as in recipes, ``method.scoring``).
+        scorer: ``scorer(ctx: SelectionContext) -> (scores, details)`` with ``scores`` a dict
+            op path -> float (every op of ``ctx.ops``, in that order; larger = more salient) and
+            ``details`` a JSON-serialisable dict for the event log.
+        step_metrics: the per-step reducers (names in :data:`STEP_REDUCERS`) that the training
+            loop must accumulate for this metric.
+    """
+
+    name: str
+    scorer: Callable[["SelectionContext"], tuple[dict[str, float], dict[str, Any]]]
+    step_metrics: tuple[str, ...] = ()
+
+
+#: Selection-time metrics by name (the only module state: a registry).
+REGISTRY: dict[str, MetricSpec] = {}
+#: Per-step reducers by name.
+STEP_REDUCERS: dict[str, StepReducer] = {}
+
+
+def available_metrics() -> tuple[str, ...]:
+    """Names of every registered metric (the built-in :data:`METRICS` first)."""
+    return tuple(REGISTRY)
+
+
+def _unknown_metric(name: object) -> ValueError:
+    return ValueError(f"unknown saliency metric {name!r}: not one of {', '.join(available_metrics())}")
+
+
+def get_metric(name: str) -> MetricSpec:
+    """The :class:`MetricSpec` registered as ``name``.
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the registered metrics).
+    """
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise _unknown_metric(name) from None
+
+
+def STEP_METRICS(metric: str) -> tuple[str, ...]:  # noqa: N802 (name fixed by the contract)
+    """The free metrics that must be accumulated every training step for ``metric``.
+
+    ``random`` and ``grasp`` -> ``()``; ``grad_norm``/``snip``/``synflow`` -> themselves;
+    ``vote`` -> ``("grad_norm", "snip", "synflow")`` (grasp is computed at adjustment time).
+
+    Raises:
+        ValueError: unknown metric.
+    """
+    return get_metric(metric).step_metrics
+
+
+def register_metric(
+    name: str, step_metrics: tuple[str, ...] = (), *, replace: bool = False
+) -> Callable[[Callable], Callable]:
+    """Decorator registering a selection-time scorer ``fn(ctx) -> (scores, details)``.
+
+    Args:
+        name: metric name.
+        step_metrics: per-step reducers this metric reads from the accumulator.
+        replace: allow overwriting an existing registration.
+
+    Raises:
+        ValueError: ``name`` already registered (and not ``replace``), or a step metric is not a
+            registered per-step reducer.
+    """
+    for s in step_metrics:
+        if s not in STEP_REDUCERS:
+            raise ValueError(f"metric {name!r}: step metric {s!r} is not a registered per-step reducer")
+
+    def deco(fn: Callable) -> Callable:
+        if name in REGISTRY and not replace:
+            raise ValueError(f"saliency metric {name!r} is already registered")
+        REGISTRY[name] = MetricSpec(name=name, scorer=fn, step_metrics=tuple(step_metrics))
+        return fn
+
+    return deco
+
+
+def register_step_metric(
+    name: str, grad_degree: int = 1, *, replace: bool = False
+) -> Callable[[Callable], Callable]:
+    """Decorator registering a per-step reducer ``fn(StepTensors) -> list[0-dim Tensor]``.
+
+    The reducer must not synchronise with the host (no ``.item()``, ``float()``, ``bool()`` of a
+    tensor, no data-dependent shapes): it runs after every backward.
+
+    Raises:
+        ValueError: ``name`` already registered (and not ``replace``).
+    """
+
+    def deco(fn: Callable) -> Callable:
+        if name in STEP_REDUCERS and not replace:
+            raise ValueError(f"step metric {name!r} is already registered")
+        STEP_REDUCERS[name] = StepReducer(name=name, fn=fn, grad_degree=grad_degree)
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------------------------
+# Per-step reducers (free metrics)
+# --------------------------------------------------------------------------------------------
+
+
+@register_step_metric("grad_norm")
+def _step_grad_norm(t: StepTensors) -> list[Tensor]:
+    """``‖g‖₂`` per op (DyRep supp. Eq. 12)."""
+    return list(torch._foreach_norm(t.grads, 2))
+
+
+@register_step_metric("snip")
+def _step_snip(t: StepTensors) -> list[Tensor]:
+    """``Σ|g ⊙ θ|`` per op (DyRep supp. Eq. 13; Lee et al. 2019): the L1 norm of ``g ⊙ θ``."""
+    return list(torch._foreach_norm(t.grad_times_weight, 1))
+
+
+@register_step_metric("synflow")
+def _step_synflow(t: StepTensors) -> list[Tensor]:
+    """``Σ g ⊙ θ`` per op, signed (DyRep main Eq. 3-4, supp. Eq. 15)."""
+    return [p.sum() for p in t.grad_times_weight]
+
+
+# --------------------------------------------------------------------------------------------
+# Accumulator
+# --------------------------------------------------------------------------------------------
+
+
+class SaliencyAccumulator:
+    """Sums per-step saliency scores of a set of convs on the device, without host syncs.
+
+    Args:
+        ops: ordered mapping op path -> ``nn.Conv2d`` (kernel ``(C_out, C_in/groups, K, K)``).
+            The modules are kept (their ``.weight`` is read at every step, so a parameter swapped
+            in by surgery is seen).
+        metrics: names of per-step metrics to accumulate (:data:`STEP_REDUCERS`, e.g. the output
+            of :func:`STEP_METRICS`). ``"random"`` is accepted and ignored (it is drawn at
+            selection time); duplicates are dropped.
+        device: where the accumulator lives; default the first op's weight device (CPU if none).
+
+    State: ``sum`` of shape ``(n_metrics, n_ops)`` (float64) and a 0-dim count of the steps that
+    were added, both on ``device``; ``n_steps`` (python int) counts ``step()`` calls since the last
+    reset.
+
+    Raises:
+        ValueError: a metric that is not a per-step metric.
+    """
+
+    def __init__(
+        self,
+        ops: Mapping[str, nn.Conv2d],
+        metrics: Iterable[str],
+        device: torch.device | str | None = None,
+    ) -> None:
+        names: list[str] = []
+        for m in metrics:
+            if m == "random":
+                continue
+            if m not in STEP_REDUCERS:
+                raise ValueError(
+                    f"{m!r} is not a per-step saliency metric: not one of "
+                    f"{', '.join(('random',) + tuple(STEP_REDUCERS))}"
+                )
+            if m not in names:
+                names.append(m)
+        self.metrics: tuple[str, ...] = tuple(names)
+        self._reducers = [STEP_REDUCERS[m] for m in self.metrics]
+        self._device = torch.device(device) if device is not None else None
+        self.n_steps = 0
+        self.reset(ops)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def ops(self) -> dict[str, nn.Conv2d]:
+        """The ops being scored (ordered mapping path -> conv)."""
+        return dict(zip(self._paths, self._modules))
+
+    @property
+    def device(self) -> torch.device:
+        """The device holding the accumulator tensors."""
+        return self._sum.device
+
+    def reset(self, ops: Mapping[str, nn.Conv2d] | None = None) -> None:
+        """Zero the sums and ``n_steps``; with ``ops``, score that new op set from now on
+        (e.g. after a Rep/Dep structure change)."""
+        if ops is not None:
+            self._paths = list(ops.keys())
+            self._modules = list(ops.values())
+        device = self._device
+        if device is None:
+            device = self._modules[0].weight.device if self._modules else torch.device("cpu")
+        self._sum = torch.zeros(len(self.metrics), len(self._paths), dtype=torch.float64, device=device)
+        self._count = torch.zeros((), dtype=torch.float64, device=device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=device)
+        self.n_steps = 0
+
+    # -- per step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, grad_scale: float | Tensor | None = None) -> None:
+        """Add this step's scores; call after ``backward()``, before ``optimizer.step()``.
+
+        Args:
+            grad_scale: the factor the loss was multiplied by before backward (a GradScaler's
+                scale, as a python float or a 0-dim tensor, on any device; > 0). ``None``: the
+                gradients are already unscaled (fp32 or bf16 autocast). The scores are those of the
+                unscaled gradient ``g / grad_scale``.
+
+        An op whose ``weight.grad`` is ``None`` this step contributes 0. A step whose values are
+        not all finite (a GradScaler overflow step, which the scaler skips too) is not added and
+        not counted in the average. No host synchronisation: only asynchronous device kernels.
+        """
+        self.n_steps += 1
+        n_ops = len(self._paths)
+        if not self._reducers or n_ops == 0:
+            return
+        idx: list[int] = []
+        weights: list[Tensor] = []
+        grads: list[Tensor] = []
+        for i, mod in enumerate(self._modules):
+            w = mod.weight
+            g = w.grad
+            if g is not None:
+                idx.append(i)
+                weights.append(w.detach())
+                grads.append(g.detach())
+        if not idx:
+            # Nothing has a gradient: a step of zeros (counted).
+            self._count.add_(1.0)
+            return
+        tensors = StepTensors(weights, grads)
+        flat: list[Tensor] = []
+        zero = self._zero
+        for red in self._reducers:
+            vals = red.fn(tensors)
+            row = [zero] * n_ops
+            for k, i in enumerate(idx):
+                v = vals[k]
+                row[i] = v if v.dtype == torch.float32 else v.float()
+            flat.extend(row)
+        stacked = torch.stack(flat).view(len(self._reducers), n_ops)
+        if grad_scale is not None:
+            degrees = [r.grad_degree for r in self._reducers]
+            if all(d == 1 for d in degrees):
+                stacked = stacked / grad_scale
+            else:
+                rows = []
+                for r, d in enumerate(degrees):
+                    rows.append(stacked[r] / (grad_scale**d) if d else stacked[r])
+                stacked = torch.stack(rows)
+        ok = torch.isfinite(stacked).all()
+        self._sum.add_(torch.where(ok, stacked, torch.zeros_like(stacked)))
+        self._count.add_(ok)
+
+    # -- read out ------------------------------------------------------------------------------
+
+    def averages(self) -> dict[str, dict[str, float]]:
+        """Mean per-step score since the last reset: metric -> {op path: float}.
+
+        ``grad_norm`` is the mean of the per-step norms (as the official code's AverageMeter),
+        not the norm of the mean gradient. One device->host transfer for everything. With no
+        step added yet every score is 0.
+        """
+        if not self.metrics:
+            return {}
+        avg = (self._sum / self._count.clamp_min(1.0)).cpu().tolist()
+        return {m: dict(zip(self._paths, avg[r])) for r, m in enumerate(self.metrics)}
+
+    def n_counted(self) -> int:
+        """Number of steps added to the sums since the last reset (host sync; for logs)."""
+        return int(round(float(self._count.cpu())))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulator's state for a checkpoint (tensors on CPU)."""
+        return {
+            "paths": list(self._paths),
+            "metrics": list(self.metrics),
+            "sum": self._sum.detach().cpu(),
+            "count": self._count.detach().cpu(),
+            "n_steps": self.n_steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (same op paths and metrics).
+
+        Raises:
+            ValueError: the paths or metrics differ from this accumulator's.
+        """
+        if list(state["paths"]) != self._paths or tuple(state["metrics"]) != self.metrics:
+            raise ValueError("saliency accumulator state: op paths or metrics do not match")
+        self._sum.copy_(state["sum"])
+        self._count.copy_(state["count"])
+        self.n_steps = int(state["n_steps"])
+
+
+# --------------------------------------------------------------------------------------------
+# Selection-time scores
+# --------------------------------------------------------------------------------------------
+
+
+def random_scores(ops: Mapping[str, nn.Module], generator: torch.Generator) -> dict[str, float]:
+    """Random saliency scores, ``S_o ~ U[0, 1)`` i.i.d. (DyRep supp. Eq. 11).
+
+    Args:
+        ops: ordered mapping op path -> conv (only the paths are used).
+        generator: a seeded ``torch.Generator`` (its device is used); consumes ``len(ops)`` draws.
+
+    Returns:
+        op path -> float in [0, 1).
+    """
+    vals = torch.rand(len(ops), generator=generator, device=generator.device).tolist()
+    return dict(zip(ops.keys(), vals))
+
+
+def grasp_scores(
+    model: nn.Module,
+    ops: Mapping[str, nn.Conv2d],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+) -> dict[str, float]:
+    """GraSP saliency ``S_o = Σ_i −(H g)_i θ_i`` (DyRep supp. Eq. 14; Wang et al. 2020).
+
+    Per batch: ``g = ∂L/∂θ`` over the candidate kernels ``θ = (θ_o)_o`` with ``create_graph=True``,
+    ``z = Σ_o Σ_i g_i · stopgrad(g_i)``, ``H g = ∂z/∂θ`` (double backprop), score
+    ``S_o = −Σ_i (H g)_i θ_i``; the scores are averaged over the batches. ``H`` is the Hessian
+    block of the candidate kernels (gradients of other parameters are not part of ``g``).
+
+    The model runs in its current mode (train or eval, as the caller set it) under the caller's
+    autocast context (fp32 recommended). Its buffers (BN running mean/var/num_batches_tracked and
+    any other) are saved and restored, so running statistics are NOT changed; ``.grad`` of the
+    parameters is not touched (``torch.autograd.grad``).
+
+    Args:
+        model: maps images ``(N, C, H, W)`` to logits ``(N, classes)``.
+        ops: ordered mapping op path -> ``nn.Conv2d`` inside ``model``.
+        batches: iterable of ``(images (N, C, H, W), labels (N,))``; moved to the ops' device.
+        loss_fn: ``loss_fn(logits, labels) -> 0-dim tensor`` (mean over the batch).
+
+    Returns:
+        op path -> float (ops whose weight does not require grad or is unused: 0.0).
+
+    Raises:
+        ValueError: ``batches`` is empty.
+    """
+    paths = list(ops.keys())
+    modules = list(ops.values())
+    if not paths:
+        return {}
+    live = [i for i, m in enumerate(modules) if m.weight.requires_grad]
+    device = modules[0].weight.device
+    total = torch.zeros(len(paths), dtype=torch.float64, device=device)
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    n_batches = 0
+    try:
+        with torch.enable_grad():
+            for images, labels in batches:
+                n_batches += 1
+                if not live:
+                    continue
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                weights = [modules[i].weight for i in live]
+                loss = loss_fn(model(images), labels)
+                grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
+                z = None
+                for g in grads:
+                    if g is not None and g.requires_grad:
+                        term = (g * g.detach()).sum()
+                        z = term if z is None else z + term
+                if z is None:
+                    continue  # the loss is at most linear in the kernels: H g = 0
+                hg = torch.autograd.grad(z, weights, allow_unused=True)
+                vals = [
+                    -(h.detach() * w.detach()).sum().to(torch.float64) if h is not None else total.new_zeros(())
+                    for h, w in zip(hg, weights)
+                ]
+                total.index_add_(0, torch.tensor(live, device=device), torch.stack(vals))
+                del loss, grads, z, hg
+    finally:
+        with torch.no_grad():
+            for buf, copy in saved:
+                buf.copy_(copy)
+    if n_batches == 0:
+        raise ValueError("grasp_scores: no probe batches given")
+    return dict(zip(paths, (total / n_batches).cpu().tolist()))
+
+
+def vote_scores(
+    per_metric: Mapping[str, Mapping[str, float]], tiebreak: str = "synflow"
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Vote of several metrics (DyRep supp. A.3 "picking operations with the most votes").
+
+    repsearch's rule (METHODS.md; the paper gives no more): every metric in ``per_metric`` votes
+    for its top op (ties within a metric: the first op in order); the op with the most votes wins;
+    ties go to the op that ``tiebreak`` (synflow) ranks higher. Encoded as scores so that the
+    argmax is the winner: ``score = votes + (n − r) / (n + 1)`` with ``r`` the op's 0-based rank by
+    the tiebreak metric (stable: equal values keep op order) and ``n`` the number of ops, so the
+    fraction lies in (0, 1) and never outweighs a vote.
+
+    Args:
+        per_metric: metric -> {op path: score}; every metric must score the same ops (the op
+            order is that of the ``tiebreak`` metric's dict).
+        tiebreak: the metric whose ranking breaks ties (must be in ``per_metric``).
+
+    Returns:
+        ``(scores, winners)``: op path -> vote score, and metric -> the op it voted for.
+
+    Raises:
+        ValueError: ``tiebreak`` missing, metrics scoring different op sets, or no ops.
+    """
+    if tiebreak not in per_metric:
+        raise ValueError(f"vote_scores: the tie-break metric {tiebreak!r} is missing from {sorted(per_metric)}")
+    order = list(per_metric[tiebreak].keys())
+    if not order:
+        raise ValueError("vote_scores: no ops to vote on")
+    for m, sc in per_metric.items():
+        if set(sc.keys()) != set(order):
+            raise ValueError(f"vote_scores: metric {m!r} scores other ops than {tiebreak!r}")
+    winners = {m: argmax_op({p: sc[p] for p in order}) for m, sc in per_metric.items()}
+    votes = dict.fromkeys(order, 0)
+    for w in winners.values():
+        votes[w] += 1
+    tb = per_metric[tiebreak]
+    ranked = sorted(order, key=lambda p: -_finite_or_neg_inf(tb[p]))  # stable
+    n = len(order)
+    scores = {p: float(votes[p]) + (n - r) / (n + 1) for r, p in enumerate(ranked)}
+    return {p: scores[p] for p in order}, winners
+
+
+def _finite_or_neg_inf(x: float) -> float:
+    return -math.inf if math.isnan(x) else x
+
+
+def argmax_op(scores: Mapping[str, float]) -> str:
+    """The op with the largest score; ties: the first in order; NaN counts as −inf.
+
+    Raises:
+        ValueError: empty ``scores``.
+    """
+    best: str | None = None
+    best_v = -math.inf
+    for p, v in scores.items():
+        v = _finite_or_neg_inf(v)
+        if best is None or v > best_v:
+            best, best_v = p, v
+    if best is None:
+        raise ValueError("no candidate ops to select from")
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SelectionContext:
+    """What a scorer may use at adjustment time (see :func:`select_op`).
+
+    ``averages()`` and ``probe_batches()`` are computed at most once and cached, so a combined
+    metric (vote) pays one host transfer and one pass over the probe loader.
+    """
+
+    accumulator: SaliencyAccumulator | None
+    model: nn.Module | None
+    ops: Mapping[str, nn.Conv2d]
+    probe_batches_fn: Callable[[], Iterable[tuple[Tensor, Tensor]]] | None
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None
+    generator: torch.Generator | None
+    _averages: dict[str, dict[str, float]] | None = field(default=None, repr=False)
+    _batches: list[tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
+
+    def averages(self) -> dict[str, dict[str, float]]:
+        """The accumulator's averages (cached). Raises ValueError without an accumulator."""
+        if self._averages is None:
+            if self.accumulator is None:
+                raise ValueError("this saliency metric needs a SaliencyAccumulator")
+            self._averages = self.accumulator.averages()
+        return self._averages
+
+    def step_scores(self, metric: str) -> dict[str, float]:
+        """Averaged per-step scores of ``metric`` for every op of ``self.ops``.
+
+        Raises:
+            ValueError: the accumulator does not hold ``metric`` or misses one of the ops.
+        """
+        avgs = self.averages()
+        if metric not in avgs:
+            raise ValueError(
+                f"metric {metric!r} was not accumulated (accumulator metrics: {sorted(avgs)})"
+            )
+        row = avgs[metric]
+        missing = [p for p in self.ops if p not in row]
+        if missing:
+            raise ValueError(f"ops not scored by the accumulator (reset it with the new ops): {missing}")
+        return {p: row[p] for p in self.ops}
+
+    def probe_batches(self) -> list[tuple[Tensor, Tensor]]:
+        """The probe batches (``probe_batches_fn()``, called once and cached)."""
+        if self._batches is None:
+            if self.probe_batches_fn is None:
+                raise ValueError("this saliency metric needs probe_batches_fn")
+            self._batches = list(self.probe_batches_fn())
+        return self._batches
+
+    def n_steps(self) -> int:
+        """Training steps seen by the accumulator since its last reset (0 without one)."""
+        return self.accumulator.n_steps if self.accumulator is not None else 0
+
+
+def _free_scorer(metric: str) -> Callable[[SelectionContext], tuple[dict[str, float], dict[str, Any]]]:
+    def scorer(ctx: SelectionContext) -> tuple[dict[str, float], dict[str, Any]]:
+        return ctx.step_scores(metric), {"n_steps": ctx.n_steps()}
+
+    scorer.__name__ = f"_score_{metric}"
+    scorer.__doc__ = f"Averaged per-step {metric} scores from the accumulator."
+    return scorer
+
+
+@register_metric("random")
+def _score_random(ctx: SelectionContext) -> tuple[dict[str, float], dict[str, Any]]:
+    """Uniform random scores from the caller's generator (DyRep supp. Eq. 11)."""
+    if ctx.generator is None:
+        raise ValueError("metric 'random' needs a torch.Generator")
+    return random_scores(ctx.ops, ctx.generator), {}
+
+
+register_metric("grad_norm", ("grad_norm",))(_free_scorer("grad_norm"))
+register_metric("snip", ("snip",))(_free_scorer("snip"))
+
+
+@register_metric("grasp")
+def _score_grasp(ctx: SelectionContext) -> tuple[dict[str, float], dict[str, Any]]:
+    """GraSP on the probe batches (DyRep supp. Eq. 14)."""
+    if ctx.model is None or ctx.loss_fn is None:
+        raise ValueError("metric 'grasp' needs the model and loss_fn")
+    batches = ctx.probe_batches()
+    return grasp_scores(ctx.model, ctx.ops, batches, ctx.loss_fn), {"n_probe_batches": len(batches)}
+
+
+register_metric("synflow", ("synflow",))(_free_scorer("synflow"))
+
+
+@register_metric("vote", ("grad_norm", "snip", "synflow"))
+def _score_vote(ctx: SelectionContext) -> tuple[dict[str, float], dict[str, Any]]:
+    """Vote of grad_norm, snip, grasp and synflow, ties by synflow rank (DyRep supp. A.3)."""
+    per_metric: dict[str, dict[str, float]] = {}
+    details: dict[str, Any] = {}
+    for m in VOTERS:
+        per_metric[m], d = get_metric(m).scorer(ctx)
+        details.update(d)
+    scores, winners = vote_scores(per_metric, tiebreak="synflow")
+    details["winners"] = winners
+    details["per_metric"] = per_metric
+    return scores, details
+
+
+def select_op(
+    metric: str,
+    accumulator: SaliencyAccumulator | None,
+    model: nn.Module | None,
+    ops: Mapping[str, nn.Conv2d],
+    probe_batches_fn: Callable[[], Iterable[tuple[Tensor, Tensor]]] | None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+    generator: torch.Generator | None,
+) -> tuple[str, dict[str, float], dict[str, Any]]:
+    """Score every candidate op with ``metric`` and pick the most salient (DyRep Algorithm 1, Rep).
+
+    Args:
+        metric: a registered metric name (:data:`METRICS` or added by :func:`register_metric`).
+        accumulator: holds the per-step averages of ``STEP_METRICS(metric)`` over ``ops``.
+        model: the training model (grasp/vote run it on the probe batches, in its current mode;
+            BN running statistics are restored afterwards).
+        ops: ordered mapping op path -> ``nn.Conv2d``: the candidates.
+        probe_batches_fn: ``() -> iterable of (images (N, C, H, W), labels (N,))``; called (once)
+            only by metrics that need probe batches (grasp, vote).
+        loss_fn: ``loss_fn(logits, labels) -> 0-dim tensor`` (grasp, vote).
+        generator: seeded ``torch.Generator`` (random).
+
+    Returns:
+        ``(best_op_path, scores, details)``: the argmax of ``scores`` (ties: first in op order),
+        op path -> float, and a JSON-serialisable dict for the event log (``metric``, ``n_steps``,
+        and per metric e.g. ``n_probe_batches``; vote adds ``winners`` (metric -> op) and
+        ``per_metric`` scores).
+
+    Raises:
+        ValueError: unknown metric (the message lists the metrics), no ops, or a missing input the
+            metric needs (accumulator metric, generator, probe batches).
+    """
+    spec = get_metric(metric)
+    if len(ops) == 0:
+        raise ValueError("select_op: no candidate ops")
+    ctx = SelectionContext(
+        accumulator=accumulator,
+        model=model,
+        ops=ops,
+        probe_batches_fn=probe_batches_fn,
+        loss_fn=loss_fn,
+        generator=generator,
+    )
+    scores, extra = spec.scorer(ctx)
+    best = argmax_op({p: scores[p] for p in ops})
+    details: dict[str, Any] = {"metric": metric, "n_steps": ctx.n_steps()}
+    details.update(extra)
+    logger.debug("saliency %s: selected %s (score %.6g)", metric, best, scores[best])
+    return best, dict(scores), details

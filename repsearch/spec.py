@@ -1,0 +1,652 @@
+"""The recipe contract: pydantic models, YAML loading, profiles and ``--set`` overrides.
+
+Flow (DESIGN.md, "Recipes and overrides — contract")::
+
+    load (yaml.safe_load) -> profiles[NAME] -> --set a.b=c (in order, last wins) -> Recipe.model_validate
+
+Every model forbids unknown keys. A user mistake raises :class:`RecipeError` whose one-line message
+names the file, the dotted field path as the user wrote it (the discriminated union's tag stripped:
+``method.dyrep.scoring`` is reported as ``method.scoring``), what is wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Discriminator,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from repsearch.errors import UserError
+
+SCORING_METRICS = ("random", "grad_norm", "snip", "grasp", "synflow", "vote")
+METHOD_NAMES = ("origin", "static", "dyrep")
+SAMPLERS = ("grid", "tpe", "random", "cmaes", "nsga2")
+PRUNERS = ("none", "median", "hyperband")
+
+
+class RecipeError(UserError):
+    """A malformed recipe, profile or ``--set``: one line, exit status 2 (DESIGN.md recipes contract)."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+class DataSpec(_Spec):
+    """Dataset, split and augmentation (DESIGN.md data contract).
+
+    ``val_size`` images are held out of the training set, stratified, drawn with ``split_seed``
+    (independent of the trial seed). ``train_subset`` / ``test_subset`` are stratified subsets (in
+    images) for smoke runs. ``cutout`` is the side in pixels of the Cutout square (0 = off).
+    """
+
+    dataset: Literal["cifar10", "cifar100", "folder"] = "cifar10"
+    root: Optional[str] = None
+    format: Literal["auto", "torchvision", "imagefolder"] = "auto"
+    download: bool = False
+    val_size: PositiveInt = 5000
+    split_seed: int = 0
+    train_subset: Optional[PositiveInt] = None
+    test_subset: Optional[PositiveInt] = None
+    cutout: NonNegativeInt = 0
+
+
+# ---------------------------------------------------------------------------------------- model
+class ModelSpec(_Spec):
+    """The plain conv-BN model (DESIGN.md models contract); ``width`` multiplies every conv width."""
+
+    name: str = "vgg16"
+    width: PositiveFloat = 1.0
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from repsearch.models import model_names
+
+        names = model_names()
+        if v not in names:
+            raise ValueError(f"'{v}' is not one of {', '.join(names)}")
+        return v
+
+
+# --------------------------------------------------------------------------------------- method
+def _check_space(v: Any) -> Any:
+    from repsearch.spaces import SpaceError, resolve_space
+
+    try:
+        resolve_space(v)
+    except SpaceError as exc:
+        raise ValueError(str(exc)) from None
+    return v
+
+
+class OriginSpec(_Spec):
+    """The plain model trained as is (no re-parameterization): the ``origin`` baseline."""
+
+    name: Literal["origin"] = "origin"
+
+
+class StaticSpec(_Spec):
+    """Every eligible conv expanded with ``space`` from the start and fused at deploy (RepVGG, DBB, ACB
+    baselines). ``gamma_init`` is the last-BN γ of the added branches (1.0 as in DBB/RepVGG)."""
+
+    name: Literal["static"] = "static"
+    space: Union[str, list[str]] = "dbb"
+    gamma_init: NonNegativeFloat = 1.0
+
+    _space = field_validator("space")(classmethod(lambda cls, v: _check_space(v)))
+
+
+class DyRepSpec(_Spec):
+    """DyRep (CVPR 2022, Algorithm 1) as METHODS.md settles it.
+
+    Units: ``interval`` and ``grow_until`` in epochs (counted from 1; an adjustment runs at the end of
+    epoch e when e % interval == 0 and e <= grow_until); ``recal_batches`` and ``probe_batches`` in
+    training batches. ``gamma_init`` is the new branches' last-BN γ (paper 0.01, Fig. 4);
+    ``dep_threshold`` is λ of Eq. 10 (0.02); ``dep_floor`` the official code's importance floor (0.1);
+    ``max_depth`` caps Rep's recursion (2: the model's convs and the convs inside one block).
+    """
+
+    name: Literal["dyrep"] = "dyrep"
+    space: Union[str, list[str]] = "dyrep"
+    scoring: Literal["random", "grad_norm", "snip", "grasp", "synflow", "vote"] = "synflow"
+    interval: PositiveInt = 15
+    gamma_init: PositiveFloat = 0.01
+    dep_threshold: NonNegativeFloat = 0.02
+    dep_floor: NonNegativeFloat = 0.1
+    recal_batches: NonNegativeInt = 20
+    grow_until: PositiveInt = 500
+    max_depth: PositiveInt = 2
+    probe_batches: PositiveInt = 4
+
+    _space = field_validator("space")(classmethod(lambda cls, v: _check_space(v)))
+
+
+MethodSpec = Annotated[Union[OriginSpec, StaticSpec, DyRepSpec], Field(discriminator="name")]
+METHOD_SPECS: dict[str, type[_Spec]] = {"origin": OriginSpec, "static": StaticSpec, "dyrep": DyRepSpec}
+
+
+# ---------------------------------------------------------------------------------------- train
+class TrainSpec(_Spec):
+    """SGD with cosine LR and linear warm-up (DyRep §5.1). Units: ``epochs``/``warmup_epochs`` in
+    epochs, ``batch_size`` in images; ``amp`` (bf16 autocast) and ``channels_last`` apply on CUDA only.
+    ``wd_on_norm``: weight decay on BN and bias parameters too (true in DyRep's CIFAR recipe)."""
+
+    epochs: PositiveInt = 600
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 1000
+    lr: PositiveFloat = 0.1
+    momentum: NonNegativeFloat = 0.9
+    nesterov: bool = False
+    weight_decay: NonNegativeFloat = 1.0e-4
+    wd_on_norm: bool = True
+    min_lr: NonNegativeFloat = 1.0e-6
+    warmup_epochs: NonNegativeInt = 0
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    amp: bool = True
+    channels_last: bool = True
+    deterministic: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSpec":
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- sweep
+class Choices(_Spec):
+    """A categorical distribution: ``{choices: [...]}``."""
+
+    choices: list[Any] = Field(min_length=1)
+
+
+class Range(_Spec):
+    """A continuous (or integer, ``int: true``) range ``{low, high, log, step}`` for TPE/random/CMA-ES/NSGA-II."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: Optional[PositiveFloat] = None
+    int: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "Range":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be smaller than high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+def _distribution_kind(v: Any) -> Optional[str]:
+    if isinstance(v, Choices):
+        return "choices"
+    if isinstance(v, Range):
+        return "range"
+    if isinstance(v, dict):
+        if "choices" in v:
+            return "choices"
+        if "low" in v or "high" in v:
+            return "range"
+    return None
+
+
+Distribution = Annotated[
+    Union[Annotated[Choices, Tag("choices")], Annotated[Range, Tag("range")]],
+    Discriminator(
+        _distribution_kind,
+        custom_error_type="distribution",
+        custom_error_message="expected {choices: [...]} or {low: ..., high: ..., log: false, step: null, int: false}",
+    ),
+]
+
+
+class Objective(_Spec):
+    """A final-epoch metric to optimise (selection uses the validation split only)."""
+
+    metric: str = "val/top1"
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+    @field_validator("metric")
+    @classmethod
+    def _no_test(cls, v: str) -> str:
+        if v.startswith("test/"):
+            raise ValueError(f"'{v}': test accuracy is reported, never optimised; use a val/ metric")
+        return v
+
+
+class SweepSpec(_Spec):
+    """The sweep contract (DESIGN.md): a grid or a sampler over dotted recipe paths, plus fixed
+    ``baselines``, each configuration run once per seed in ``seeds``."""
+
+    params: dict[str, Distribution] = Field(default_factory=dict)
+    baselines: list[dict[str, Any]] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    sampler: Literal["grid", "tpe", "random", "cmaes", "nsga2"] = "grid"
+    workers: PositiveInt = 1
+    n_trials: Optional[PositiveInt] = None
+    objective: Union[Objective, list[Objective]] = Field(default_factory=Objective)
+    pruner: Literal["none", "median", "hyperband"] = "none"
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @property
+    def objectives(self) -> list[Objective]:
+        """The objectives as a list (one element for a single-objective sweep)."""
+        return self.objective if isinstance(self.objective, list) else [self.objective]
+
+
+# ------------------------------------------------------------------------------------- tracking
+class TrackingSpec(_Spec):
+    """Stores (DESIGN.md stores contract); CLI flags and environment take precedence."""
+
+    runs_dir: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    storage: Optional[str] = None
+    experiment: Optional[str] = None
+
+
+# --------------------------------------------------------------------------------------- recipe
+class Recipe(_Spec):
+    """A whole experiment: one training configuration, optionally swept (``sweep``)."""
+
+    description: str = ""
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    method: MethodSpec = Field(default_factory=OriginSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    sweep: Optional[SweepSpec] = None
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        m = self.method
+        if isinstance(m, DyRepSpec) and m.grow_until < m.interval:
+            raise ValueError(
+                f"method.grow_until ({m.grow_until}) < method.interval ({m.interval}): DyRep would never adjust"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------- dotted helpers
+_MISSING = object()
+
+
+def get_dotted(d: dict, path: str, default: Any = _MISSING) -> Any:
+    """Value at dotted ``path`` of a nested dict; ``default`` (or KeyError) when absent."""
+    cur: Any = d
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            if default is _MISSING:
+                raise KeyError(path)
+            return default
+        cur = cur[part]
+    return cur
+
+
+def set_dotted(d: dict, path: str, value: Any) -> None:
+    """Set dotted ``path`` in a nested dict, creating intermediate dicts.
+
+    Raises:
+        RecipeError: when a prefix of the path holds a non-mapping value.
+    """
+    parts = path.split(".")
+    if not all(parts):
+        raise RecipeError(f"'{path}' is not a dotted field path")
+    cur = d
+    for i, part in enumerate(parts[:-1]):
+        nxt = cur.get(part)
+        if nxt is None:
+            nxt = cur[part] = {}
+        elif not isinstance(nxt, dict):
+            raise RecipeError(f"{'.'.join(parts[: i + 1])}: is a value ({nxt!r}), cannot set '{path}' inside it")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def apply_overrides(d: dict, overrides: dict[str, Any]) -> dict:
+    """Return a copy of recipe dict ``d`` with dotted ``overrides`` applied in order.
+
+    A ``method.name`` that switches to another method starts from THAT method's defaults plus the
+    overrides' own ``method.*`` fields (DESIGN.md: fields the other method lacks are dropped).
+    """
+    out = copy.deepcopy(d)
+    new_name = overrides.get("method.name")
+    if new_name is not None and new_name != (out.get("method") or {}).get("name", "origin"):
+        out["method"] = {"name": new_name}
+    for key, value in overrides.items():
+        set_dotted(out, key, copy.deepcopy(value))
+    return out
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parse one ``--set a.b=c``; the value is read as a YAML scalar or flow collection.
+
+    Raises:
+        RecipeError: no ``=``, an empty key, or a value that is not valid YAML.
+    """
+    if "=" not in item:
+        raise RecipeError(f"--set '{item}': expected KEY=VALUE with a dotted KEY, e.g. --set train.lr=0.05")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or not all(key.split(".")):
+        raise RecipeError(f"--set '{item}': '{key}' is not a dotted field path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        line = str(exc).splitlines()[0]
+        raise RecipeError(f"--set '{item}': value is not valid YAML ({line})") from None
+    return key, value
+
+
+# ---------------------------------------------------------------------------- error formatting
+def _unwrap(annotation: Any) -> list[type]:
+    """The BaseModel classes inside an annotation (Optional, Union, Annotated, list, dict values)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(get_args(annotation)[0])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out: list[type] = []
+    for arg in get_args(annotation):
+        out.extend(_unwrap(arg))
+    return out
+
+
+def _walk_loc(loc: tuple) -> tuple[list[str], Optional[type]]:
+    """Turn a pydantic ``loc`` into the user's dotted path and the model class at the end.
+
+    Strips discriminated-union tags (``method.dyrep.scoring`` -> ``method.scoring``) and pydantic's
+    union member names (``sweep.params.x.Choices.choices`` -> ``sweep.params.x.choices``).
+    """
+    path: list[str] = []
+    cls: Optional[type] = Recipe
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        if cls is not None and isinstance(part, str) and part in cls.model_fields:
+            path.append(part)
+            ann = cls.model_fields[part].annotation
+            models = _unwrap(ann)
+            if get_origin(ann) is dict or (get_origin(ann) is Union and dict in [get_origin(a) for a in get_args(ann)]):
+                # dict-valued field (sweep.params, profiles): next loc part is a user key
+                if i + 1 < len(loc):
+                    path.append(str(loc[i + 1]))
+                    i += 1
+            if len(models) == 1:
+                cls = models[0]
+            elif len(models) > 1 and i + 1 < len(loc):
+                tag = loc[i + 1]
+                chosen = None
+                for m in models:
+                    name_field = m.model_fields.get("name")
+                    if name_field is not None and name_field.default == tag:
+                        chosen = m
+                    elif isinstance(tag, str) and m.__name__.lower() == tag.lower():
+                        chosen = m
+                if chosen is not None:
+                    cls = chosen
+                    i += 1
+                else:
+                    cls = None
+            else:
+                cls = None
+        elif isinstance(part, int):
+            path[-1:] = [f"{path[-1]}[{part}]"] if path else [f"[{part}]"]
+        elif isinstance(part, str) and part in ("Choices", "Range", "Objective", "list[Objective]"):
+            pass
+        else:
+            path.append(str(part))
+            cls = None
+        i += 1
+    return path, cls
+
+
+def _format_error(err: dict) -> str:
+    path, cls = _walk_loc(tuple(err["loc"]))
+    etype = err["type"]
+    value = err.get("input")
+    ctx = err.get("ctx") or {}
+    where = ".".join(path) if path else "(top level)"
+    if etype == "extra_forbidden":
+        parent_path, parent_cls = _walk_loc(tuple(err["loc"][:-1]))
+        allowed = ", ".join(parent_cls.model_fields) if parent_cls is not None else "?"
+        return f"{where}: unknown key '{path[-1]}'; allowed keys: {allowed}"
+    if etype == "literal_error":
+        expected = ctx.get("expected", "")
+        expected = expected.replace("'", "").replace(" or ", ", ")
+        return f"{where}: {value!r} is not one of {expected}"
+    if etype == "union_tag_invalid":
+        tag = ctx.get("tag")
+        expected = ctx.get("expected_tags", "").replace("'", "")
+        return f"{where}.name: {tag!r} is not one of {expected}"
+    if etype == "union_tag_not_found":
+        return f"{where}: missing 'name'; one of {', '.join(METHOD_NAMES)}"
+    if etype == "distribution":
+        return f"{where}: {err['msg']}"
+    if etype == "value_error":
+        msg = str(ctx.get("error", err.get("msg", "")))
+        return f"{where}: {msg}"
+    if etype == "missing":
+        return f"{where}: required field is missing"
+    msg = err.get("msg", etype)
+    if isinstance(value, (dict, list)):
+        shown = type(value).__name__
+    else:
+        shown = repr(value)
+    return f"{where}: {shown} is not allowed: {msg[0].lower() + msg[1:] if msg else msg}"
+
+
+def format_validation_error(exc: ValidationError, source: str, prefix: str = "") -> str:
+    """One line for the first error of ``exc``: ``<source>: <dotted path>: <what> <allowed>``."""
+    errors = exc.errors(include_url=False)
+    # Prefer a tag error over the noise of the other union members.
+    err = errors[0]
+    line = _format_error(err)
+    if prefix:
+        line = f"{prefix}{line}" if line.startswith("(top level)") is False else prefix.rstrip(": .") + line[11:]
+    extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{source}: {line}{extra}"
+
+
+# ------------------------------------------------------------------------------------- loading
+def read_recipe_file(path: str | Path) -> dict:
+    """Read a recipe YAML file with ``yaml.safe_load``.
+
+    Raises:
+        RecipeError: missing file, unreadable file, invalid YAML, or a top level that is not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read: {exc.strerror}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (data, model, method, train, sweep, ...)")
+    return data
+
+
+def resolve_dict(raw: dict, source: str, profile: Optional[str] = None, sets: tuple[str, ...] = ()) -> dict:
+    """Apply ``profiles[profile]`` and then ``--set`` items to a raw recipe dict; drops ``profiles``.
+
+    Raises:
+        RecipeError: unknown profile, a profile that is not a mapping of dotted paths, bad ``--set``.
+    """
+    d = copy.deepcopy(raw)
+    profiles = d.pop("profiles", None) or {}
+    if not isinstance(profiles, dict):
+        raise RecipeError(f"{source}: profiles: must be a mapping of profile name -> dotted overrides")
+    if profile is not None:
+        if profile not in profiles:
+            avail = ", ".join(sorted(profiles)) or "none defined"
+            raise RecipeError(f"{source}: unknown profile '{profile}'; available: {avail}")
+        overrides = profiles[profile]
+        if not isinstance(overrides, dict):
+            raise RecipeError(f"{source}: profiles.{profile}: must be a mapping of dotted path -> value")
+        try:
+            d = apply_overrides(d, overrides)
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: profiles.{profile}: {exc}") from None
+    for item in sets:
+        key, value = parse_set(item)
+        try:
+            d = apply_overrides(d, {key: value})
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: --set: {exc}") from None
+    return d
+
+
+def validate_dict(d: dict, source: str) -> Recipe:
+    """Validate a resolved recipe dict into a :class:`Recipe`, then validate every sweep point.
+
+    Raises:
+        RecipeError: the first validation error, as one line (file, dotted path, allowed values).
+    """
+    try:
+        recipe = Recipe.model_validate(d)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None
+    if recipe.sweep is not None:
+        _validate_sweep(recipe, d, source)
+    return recipe
+
+
+def _validate_sweep(recipe: Recipe, d: dict, source: str) -> None:
+    sweep = recipe.sweep
+    assert sweep is not None
+    if sweep.sampler == "grid":
+        for key, dist in sweep.params.items():
+            if isinstance(dist, Range):
+                raise RecipeError(
+                    f"{source}: sweep.params.{key}: a grid needs {{choices: [...]}}, got a range "
+                    f"{{low: {dist.low:g}, high: {dist.high:g}}}; use sampler tpe, random, cmaes or nsga2"
+                )
+    elif sweep.n_trials is None:
+        raise RecipeError(f"{source}: sweep.n_trials: required with sampler '{sweep.sampler}' (only grid enumerates its points)")
+    if sweep.sampler == "cmaes" and any(isinstance(v, Choices) for v in sweep.params.values()):
+        pass  # Optuna's CMA-ES falls back to independent sampling for categorical params.
+    if len(sweep.objectives) > 1 and sweep.pruner != "none":
+        raise RecipeError(
+            f"{source}: sweep.pruner: '{sweep.pruner}' needs a single objective; this sweep has "
+            f"{len(sweep.objectives)} (use pruner: none)"
+        )
+    if len(sweep.objectives) > 1 and sweep.sampler in ("cmaes",):
+        raise RecipeError(f"{source}: sweep.sampler: 'cmaes' is single-objective; use nsga2, tpe or random")
+    for key in sweep.params:
+        if key.startswith("sweep") or key == "profiles" or key.startswith("tracking"):
+            raise RecipeError(f"{source}: sweep.params.{key}: cannot sweep over '{key.split('.')[0]}'")
+    base = {k: v for k, v in d.items() if k != "sweep"}
+    # every choice and every baseline must give a valid recipe
+    for key, dist in sweep.params.items():
+        values = dist.choices if isinstance(dist, Choices) else [dist.low, dist.high]
+        for value in values:
+            _validate_point(base, {key: value}, source, f"sweep.params.{key}")
+    for i, baseline in enumerate(sweep.baselines):
+        for key in baseline:
+            if not all(str(key).split(".")):
+                raise RecipeError(f"{source}: sweep.baselines[{i}]: '{key}' is not a dotted field path")
+        _validate_point(base, baseline, source, f"sweep.baselines[{i}]")
+
+
+def _validate_point(base: dict, overrides: dict, source: str, where: str) -> None:
+    try:
+        Recipe.model_validate(apply_overrides(base, overrides))
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: {where}: {exc}") from None
+    except ValidationError as exc:
+        detail = format_validation_error(exc, source)[len(source) + 2 :]
+        key = where.split(".", 2)[-1] if where.startswith("sweep.params.") else None
+        if key is not None and detail.startswith(key + ": "):
+            detail = detail[len(key) + 2 :]
+        raise RecipeError(f"{source}: {where}: {detail}") from None
+
+
+def load_recipe(path: str | Path, profile: Optional[str] = None, sets: tuple[str, ...] = ()) -> tuple[Recipe, dict]:
+    """Load, resolve (profile, ``--set``) and validate a recipe file.
+
+    Returns:
+        ``(recipe, resolved)``: the validated :class:`Recipe` and the resolved dict (no ``profiles``)
+        as the user wrote it after overrides — what ``recipe.yaml`` artifacts store.
+
+    Raises:
+        RecipeError: any user mistake, as one line naming the file and the dotted field path.
+    """
+    source = str(path)
+    raw = read_recipe_file(path)
+    resolved = resolve_dict(raw, source, profile, tuple(sets))
+    return validate_dict(resolved, source), resolved
+
+
+def trial_recipe(recipe: Recipe, overrides: dict[str, Any], seed: int) -> Recipe:
+    """The recipe of one sweep trial: ``overrides`` (a point or a baseline) applied, ``seed`` set,
+    no ``sweep`` section (DESIGN.md sweeps contract)."""
+    base = recipe.model_dump(mode="json", exclude={"sweep", "profiles"})
+    d = apply_overrides(base, dict(overrides))
+    d["seed"] = seed
+    return Recipe.model_validate(d)
+
+
+_HASH_EXCLUDE = ("sweep.n_trials", "sweep.seeds", "sweep.workers", "tracking", "data.root", "profiles", "description")
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """SHA-256 (hex) of the resolved recipe minus what does not change results (DESIGN.md: n_trials,
+    seeds, workers, tracking, data.root; also profiles and description)."""
+    d = recipe.model_dump(mode="json")
+    for path in _HASH_EXCLUDE:
+        parts = path.split(".")
+        cur = d
+        for p in parts[:-1]:
+            cur = cur.get(p) if isinstance(cur, dict) else None
+        if isinstance(cur, dict):
+            cur.pop(parts[-1], None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def study_name(recipe_path: str | Path, profile: Optional[str], recipe: Recipe) -> str:
+    """``<recipe stem>[.<profile>]-<8 hex of recipe_hash>`` (DESIGN.md sweeps contract)."""
+    stem = Path(recipe_path).stem
+    mid = f"{stem}.{profile}" if profile else stem
+    return f"{mid}-{recipe_hash(recipe)[:8]}"
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (the ``recipe.yaml`` artifact; loads back with :func:`load_recipe`)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude={"profiles"}), sort_keys=False)
