@@ -99,7 +99,7 @@ def resolve_data_root(cli_root: str | os.PathLike | None, recipe_root: str | os.
         if path.is_dir():
             return path.resolve()
         log.warning("data root from %s (%s) is not an existing directory; trying the next source", name, path)
-    described = "; ".join(f"{name}={'(unset)' if value in (None, '') else str(value)!r}" for name, value in sources)
+    described = "; ".join(f"{name}={'(unset)' if value in (None, '') else repr(str(value))}" for name, value in sources)
     raise DataError(
         f"no existing data root: {described} (relative paths resolve against {Path.cwd()}); "
         f"pass --data-root, set {_ENV_DATA} or set data.root in the recipe"
@@ -255,7 +255,11 @@ def _locked(lock_path: Path) -> Iterator[None]:
         yield
         return
     with handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError:  # e.g. a file system without flock: go on unlocked
+            yield
+            return
         try:
             yield
         finally:
@@ -281,6 +285,7 @@ def _save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
             np.savez(handle, **arrays)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

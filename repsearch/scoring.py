@@ -20,6 +20,14 @@ vote        most votes of grad_norm/snip/grasp/synflow   DyRep supp. A.3 (rule: 
 ``synflow`` here is DyRep's signed first-order saliency on the training batch's gradients (as in
 the official code), NOT Tanaka et al.'s data-free SynFlow (|θ| network, all-ones input).
 
+Numerical note on synflow. For a conv followed by BN in train mode the loss is invariant to the
+scale of the conv's kernel, ``L(αθ) = L(θ)``, so ``Σ g ⊙ θ = dL/dα|_{α=1}`` vanishes except for
+the BN ``eps`` term: it is ~1e-7 of snip's ``Σ|g ⊙ θ|`` on a conv-BN-ReLU net, comparable to
+fp32 rounding of the gradients and far below the rounding of bf16 autocast gradients (which
+then decides the ranking). The official code computes it the same way (fp32, AMP off by
+default); repsearch reduces the sum in float64, but the gradients' own precision is the
+caller's: score synflow/vote with fp32 gradients to reproduce the paper.
+
 The *free* metrics (grad_norm, snip, synflow) reuse the gradients of the ordinary training step:
 :class:`SaliencyAccumulator` adds their per-op values to one device tensor after every backward,
 with no host synchronisation, and averages them over the steps since the last reset (DyRep
@@ -246,8 +254,12 @@ def _step_snip(t: StepTensors) -> list[Tensor]:
 
 @register_step_metric("synflow")
 def _step_synflow(t: StepTensors) -> list[Tensor]:
-    """``Σ g ⊙ θ`` per op, signed (DyRep main Eq. 3-4, supp. Eq. 15)."""
-    return [p.sum() for p in t.grad_times_weight]
+    """``Σ g ⊙ θ`` per op, signed (DyRep main Eq. 3-4, supp. Eq. 15), summed in float64.
+
+    The sum cancels heavily for a conv followed by BN in train mode (see the module notes), so it
+    is reduced in float64 to keep the summation error below the gradients' own rounding error.
+    """
+    return [p.sum(dtype=torch.float64) for p in t.grad_times_weight]
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +333,14 @@ class SaliencyAccumulator:
             device = self._modules[0].weight.device if self._modules else torch.device("cpu")
         self._sum = torch.zeros(len(self.metrics), len(self._paths), dtype=torch.float64, device=device)
         self._count = torch.zeros((), dtype=torch.float64, device=device)
-        self._zero = torch.zeros((), dtype=torch.float32, device=device)
+        self._zero_cache: dict[torch.dtype, Tensor] = {}
         self.n_steps = 0
+
+    def _zeros_of(self, dtype: torch.dtype) -> Tensor:
+        z = self._zero_cache.get(dtype)
+        if z is None:
+            z = self._zero_cache[dtype] = torch.zeros((), dtype=dtype, device=self._sum.device)
+        return z
 
     # -- per step ------------------------------------------------------------------------------
 
@@ -359,25 +377,19 @@ class SaliencyAccumulator:
             self._count.add_(1.0)
             return
         tensors = StepTensors(weights, grads)
-        flat: list[Tensor] = []
-        zero = self._zero
+        rows: list[Tensor] = []
         for red in self._reducers:
             vals = red.fn(tensors)
-            row = [zero] * n_ops
+            dtype = vals[0].dtype
+            row = [self._zeros_of(dtype)] * n_ops
             for k, i in enumerate(idx):
                 v = vals[k]
-                row[i] = v if v.dtype == torch.float32 else v.float()
-            flat.extend(row)
-        stacked = torch.stack(flat).view(len(self._reducers), n_ops)
-        if grad_scale is not None:
-            degrees = [r.grad_degree for r in self._reducers]
-            if all(d == 1 for d in degrees):
-                stacked = stacked / grad_scale
-            else:
-                rows = []
-                for r, d in enumerate(degrees):
-                    rows.append(stacked[r] / (grad_scale**d) if d else stacked[r])
-                stacked = torch.stack(rows)
+                row[i] = v if v.dtype == dtype else v.to(dtype)
+            row_t = torch.stack(row)  # (n_ops,)
+            if grad_scale is not None and red.grad_degree:
+                row_t = row_t.double() / (grad_scale if red.grad_degree == 1 else grad_scale**red.grad_degree)
+            rows.append(row_t)
+        stacked = torch.stack([r.double() for r in rows])  # (n_metrics, n_ops), float64
         ok = torch.isfinite(stacked).all()
         self._sum.add_(torch.where(ok, stacked, torch.zeros_like(stacked)))
         self._count.add_(ok)

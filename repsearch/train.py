@@ -144,6 +144,8 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         n = 0
         step0 = (epoch - 1) * len(self.train_loader)
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)  # shuffle/augmentation draws keyed by (seed, epoch)
         for i, (images, labels) in enumerate(self.train_loader):
             with autocast_for(self.device, self.spec.amp):
                 logits = model(images)

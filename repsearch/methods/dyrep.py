@@ -34,7 +34,7 @@ from torch import nn
 
 from repsearch import scoring
 from repsearch.methods.base import Method
-from repsearch.rep import RepBlock, candidate_convs, conv_kernel, expand, get_module, repblocks, set_module
+from repsearch.rep import candidate_convs, collapse, conv_kernel, expand, repblocks
 from repsearch.spaces import resolve_space
 
 log = logging.getLogger(__name__)
@@ -65,24 +65,6 @@ def recalibrate_bn(model: nn.Module, bns: list[nn.BatchNorm2d], loader: Iterable
         bn.momentum = m
     model.train(was_training)
     return used
-
-
-def fold_bias_into_next_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """Return a bias-free copy of ``conv`` after moving its bias into ``bn``'s running mean.
-
-    Exact in eval mode: BN(x + b) with running mean μ equals BN(x) with running mean μ − b. (In train
-    mode the batch mean absorbs a per-channel bias anyway.) Used when a block collapses to a plain
-    conv so the model keeps the origin architecture (DESIGN.md models contract).
-    """
-    out = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, bias=False,
-    ).to(conv.weight.device, conv.weight.dtype)
-    with torch.no_grad():
-        out.weight.copy_(conv.weight)
-        if conv.bias is not None:
-            bn.running_mean.sub_(conv.bias.to(bn.running_mean.dtype))
-    return out
 
 
 class DyRep(Method):
@@ -214,7 +196,7 @@ class DyRep(Method):
             block.remove_branches(remove)
             collapsed = len(block.branches) == 1
             if collapsed:
-                self._collapse(model, path, block)
+                collapse(model, path)  # a block left with kxk alone becomes a plain conv again
             cut_total += len(remove)
             self.n_dep += 1
             self.n_cut += len(remove)
@@ -235,32 +217,6 @@ class DyRep(Method):
             log.info("epoch %d: Dep %s -%s", epoch, path, ", ".join(remove))
         self.events.append({"epoch": epoch, "kind": "dep_scan", "importances": scan, "cut": cut_total})
         return cut_total
-
-    def _collapse(self, model: nn.Module, path: str, block: RepBlock) -> None:
-        """Replace a block left with only its kxk branch by a plain bias-free conv (official code),
-        moving the bias into the BN that follows it (exact in eval mode)."""
-        fused = block.fuse()
-        bn = self._following_bn(model, path)
-        if bn is None:
-            set_module(model, path, fused)
-        else:
-            set_module(model, path, fold_bias_into_next_bn(fused, bn))
-
-    @staticmethod
-    def _following_bn(model: nn.Module, path: str) -> nn.BatchNorm2d | None:
-        """The BN applied to the output of the conv at ``path``: the model's conv→BN pair for a
-        top-level conv, the branch's own BN for a conv inside a branch."""
-        from repsearch.rep import conv_bn_pairs
-
-        pairs = dict(conv_bn_pairs(model))
-        if path in pairs:
-            return get_module(model, pairs[path])
-        parent_path, _, leaf = path.rpartition(".")
-        parent = get_module(model, parent_path) if parent_path else model
-        follow = getattr(parent, "following_bn", None)
-        if callable(follow):
-            return follow(leaf)
-        return None
 
     def describe(self) -> dict:
         return {"n_rep": self.n_rep, "n_dep": self.n_dep, "n_branches_cut": self.n_cut}

@@ -250,6 +250,20 @@ class Branch(nn.Module):
         """Eval-mode ``(W, b)``: ``(C_out, C_in/groups, K, K)``, ``(C_out,)`` (differentiable)."""
         raise NotImplementedError
 
+    #: child conv name -> name of the BN that alone consumes its output (see :meth:`following_bn`)
+    _FOLLOWERS: dict[str, str] = {}
+
+    def following_bn(self, child: str) -> Optional[nn.BatchNorm2d]:
+        """The BN applied directly (and only) to the output of child conv ``child``, or ``None``.
+
+        Used to fold a constant bias into that BN's running mean (exact in eval mode).
+        """
+        name = self._FOLLOWERS.get(child)
+        if name is None:
+            return None
+        m = getattr(self, name)
+        return m.bn if isinstance(m, BNAndPad) else m
+
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
 
@@ -266,6 +280,7 @@ class KxkBranch(Branch):
     """
 
     kind = "kxk"
+    _FOLLOWERS = {"conv": "bn"}
 
     def __init__(self, conv: nn.Module, bn: nn.BatchNorm2d):
         geom = conv_geometry(conv)
@@ -293,6 +308,8 @@ class ConvBNBranch(Branch):
 
     Needs padding = K//2 and an odd K (see :func:`ineligibility`).
     """
+
+    _FOLLOWERS = {"conv": "bn"}
 
     def __init__(
         self,
@@ -334,6 +351,7 @@ class OneByOneKxkBranch(Branch):
     """
 
     kind = "1x1-kxk"
+    _FOLLOWERS = {"conv1": "bn1", "conv2": "bn2"}
 
     def __init__(
         self,
@@ -374,6 +392,7 @@ class OneByOneAvgBranch(Branch):
     """
 
     kind = "1x1-avg"
+    _FOLLOWERS = {"conv": "bn1"}
 
     def __init__(
         self,

@@ -1,0 +1,5 @@
+"""``python -m repsearch`` = the ``repsearch`` command."""
+
+from repsearch.cli import main
+
+main()

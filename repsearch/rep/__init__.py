@@ -1,0 +1,89 @@
+"""Exact structural re-parameterization primitives (DyRep Sec. 3; DBB Sec. 3.2; RepVGG; ACB).
+
+No training logic and no import from the rest of repsearch. Layers:
+
+- :mod:`repsearch.rep.fuse`: pure tensor transforms to one KxK kernel ``(W, b)``.
+- :mod:`repsearch.rep.branches`: branch modules with ``equivalent_kernel()``.
+- :mod:`repsearch.rep.block`: :class:`RepBlock` (add / compensate / remove / fuse).
+- :mod:`repsearch.rep.surgery`: conv→BN pairs, expand, collapse, deploy, structure.
+"""
+
+from repsearch.rep.block import RepBlock, eligible_branches, eligible_kinds
+from repsearch.rep.branches import (
+    BRANCH_KINDS,
+    PADDING_FREE_KINDS,
+    BNAndPad,
+    Branch,
+    ConvBNBranch,
+    IdentityBranch,
+    KxkBranch,
+    OneByOneAvgBranch,
+    OneByOneKxkBranch,
+    conv_geometry,
+    ineligibility,
+    make_branch,
+    reset_bn_to_identity,
+)
+from repsearch.rep.fuse import (
+    avg_kernel,
+    conv_kernel,
+    fuse_bn,
+    fuse_bn_module,
+    identity_kernel,
+    merge_1x1_kxk,
+    pad_to_kxk,
+)
+from repsearch.rep.surgery import (
+    apply_structure,
+    candidate_convs,
+    collapse,
+    conv_bn_pairs,
+    count_branches,
+    deploy,
+    expand,
+    fuse_blocks,
+    get_module,
+    nesting_depth,
+    repblocks,
+    set_module,
+    structure,
+)
+
+__all__ = [
+    "BRANCH_KINDS",
+    "PADDING_FREE_KINDS",
+    "BNAndPad",
+    "Branch",
+    "ConvBNBranch",
+    "IdentityBranch",
+    "KxkBranch",
+    "OneByOneAvgBranch",
+    "OneByOneKxkBranch",
+    "RepBlock",
+    "apply_structure",
+    "avg_kernel",
+    "candidate_convs",
+    "collapse",
+    "conv_bn_pairs",
+    "conv_geometry",
+    "conv_kernel",
+    "count_branches",
+    "deploy",
+    "eligible_branches",
+    "eligible_kinds",
+    "expand",
+    "fuse_blocks",
+    "fuse_bn",
+    "fuse_bn_module",
+    "get_module",
+    "identity_kernel",
+    "ineligibility",
+    "make_branch",
+    "merge_1x1_kxk",
+    "nesting_depth",
+    "pad_to_kxk",
+    "repblocks",
+    "reset_bn_to_identity",
+    "set_module",
+    "structure",
+]

@@ -1,0 +1,433 @@
+"""Model surgery: find conv→BN pairs, swap RepBlocks in and out, deploy (DyRep Sec. 3, Fig. 2).
+
+Paths are the dotted names of ``model.named_modules()`` (``"features.0"``,
+``"features.0.branches.kxk.conv"``). The *nesting depth* of a module is the number of
+:class:`RepBlock` s strictly above it (the model's own convs: 0; the ``kxk`` conv of a block or the
+inner KxK conv of its ``1x1-kxk`` branch: 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Iterable, Optional
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from repsearch.rep.block import RepBlock, eligible_branches
+from repsearch.rep.branches import Branch, conv_geometry
+
+__all__ = [
+    "get_module",
+    "set_module",
+    "conv_bn_pairs",
+    "candidate_convs",
+    "nesting_depth",
+    "expand",
+    "repblocks",
+    "fuse_blocks",
+    "collapse",
+    "deploy",
+    "count_branches",
+    "structure",
+    "apply_structure",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------- paths
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path`` (``""`` is the model itself).
+
+    Raises:
+        KeyError: when no module lives at that path.
+    """
+    if path == "":
+        return model
+    m = model
+    for part in path.split("."):
+        child = m._modules.get(part) if isinstance(m, nn.Module) else None
+        if child is None:
+            raise KeyError(f"no module at '{path}' (missing '{part}')")
+        m = child
+    return m
+
+
+def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` with ``new`` (registered under the same name).
+
+    Raises:
+        KeyError: when the parent does not exist or ``path`` is empty.
+    """
+    if not path:
+        raise KeyError("cannot replace the root module")
+    parent_path, _, name = path.rpartition(".")
+    parent = get_module(model, parent_path)
+    if name not in parent._modules:
+        raise KeyError(f"no module at '{path}'")
+    parent._modules[name] = new
+
+
+def _block_paths(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, RepBlock)]
+
+
+def _depth(path: str, block_paths: Iterable[str]) -> int:
+    """Number of block paths strictly above ``path`` (``""`` = the root, above everything else)."""
+    return sum(1 for bp in block_paths if bp != path and (bp == "" or path.startswith(bp + ".")))
+
+
+def nesting_depth(model: nn.Module, path: str) -> int:
+    """Number of RepBlocks strictly above the module at ``path`` (0 for the model's own convs).
+
+    Raises:
+        KeyError: when no module lives at ``path``.
+    """
+    get_module(model, path)
+    return _depth(path, _block_paths(model))
+
+
+def _is_convlike(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv2d, RepBlock))
+
+
+# ---------------------------------------------------------------------------------- conv→BN pairs
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # noqa: D401
+        return isinstance(m, RepBlock) or super().is_leaf_module(m, qualname)
+
+
+def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
+    graph = _Tracer().trace(model)
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1:
+            continue
+        conv = get_module(model, node.target)
+        if not _is_convlike(conv) or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if user.op != "call_module" or calls[user.target] != 1 or not user.args or user.args[0] is not node:
+            continue
+        bn = get_module(model, user.target)
+        if isinstance(bn, nn.BatchNorm2d) and bn.num_features == conv.out_channels:
+            pairs.append((node.target, user.target))
+    return pairs
+
+
+def _pairs_registration(model: nn.Module) -> list[tuple[str, str]]:
+    pairs = []
+    inside = _block_paths(model)
+    for name, parent in model.named_modules():
+        if isinstance(parent, RepBlock) or any(name.startswith(bp + ".") for bp in inside if bp):
+            continue
+        children = list(parent.named_children())
+        for (na, a), (nb, b) in zip(children, children[1:]):
+            if _is_convlike(a) and isinstance(b, nn.BatchNorm2d) and b.num_features == a.out_channels:
+                prefix = f"{name}." if name else ""
+                pairs.append((prefix + na, prefix + nb))
+    return pairs
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``[(conv_path, bn_path)]`` for every ``nn.Conv2d`` or RepBlock outside any RepBlock whose output
+    feeds only a ``BatchNorm2d`` of matching width.
+
+    Uses ``torch.fx`` symbolic tracing (RepBlocks as leaves; a module called more than once is not
+    paired); when tracing fails (data-dependent control flow), falls back to registration order:
+    a conv immediately followed by a BN among the children of one parent (true of ``nn.Sequential``
+    and of the usual ``conv1, bn1, conv2, bn2`` blocks).
+
+    Returns:
+        pairs in graph (or registration) order.
+    """
+    try:
+        return _pairs_fx(model)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError ...)
+        log.debug("fx tracing failed (%s); pairing conv→BN by registration order", exc)
+        return _pairs_registration(model)
+
+
+# ---------------------------------------------------------------------------------- candidates
+def _reparameterizable(conv: nn.Conv2d) -> bool:
+    try:
+        conv_geometry(conv)
+    except ValueError:
+        return False
+    return True
+
+
+def candidate_convs(model: nn.Module, max_depth: int = 2) -> dict[str, nn.Conv2d]:
+    """Convs that Rep may grow (DyRep Sec. 3.3; DESIGN.md "DyRep schedule").
+
+    Every ``nn.Conv2d`` with a square kernel K > 1 (dilation 1, zero padding mode) nested in fewer
+    than ``max_depth`` RepBlocks: depth 0 = the model's own convs, depth 1 = the ``kxk`` conv of a
+    block and the inner KxK conv of its ``1x1-kxk`` branch.
+
+    Returns:
+        ``{path: conv}`` in ``named_modules`` order (stable).
+    """
+    blocks = _block_paths(model)
+    out: dict[str, nn.Conv2d] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Conv2d):
+            continue
+        kh, kw = m.kernel_size
+        if kh != kw or kh <= 1 or not _reparameterizable(m):
+            continue
+        if _depth(name, blocks) < max_depth:
+            out[name] = m
+    return out
+
+
+def repblocks(model: nn.Module, deepest_first: bool = False) -> dict[str, RepBlock]:
+    """``{path: block}`` for every RepBlock, nested ones included.
+
+    Args:
+        deepest_first: order by nesting depth, deepest first (stable within a depth); otherwise
+            ``named_modules`` order (outer before inner).
+    """
+    items = [(n, m) for n, m in model.named_modules() if isinstance(m, RepBlock)]
+    if deepest_first:
+        paths = [n for n, _ in items]
+        items.sort(key=lambda nm: -_depth(nm[0], paths))
+    return dict(items)
+
+
+def _top_blocks(model: nn.Module) -> dict[str, RepBlock]:
+    paths = _block_paths(model)
+    return {n: get_module(model, n) for n in paths if _depth(n, paths) == 0}
+
+
+# ---------------------------------------------------------------------------------- expand
+def expand(
+    model: nn.Module,
+    path: str,
+    kinds: Iterable[str],
+    gamma_init: float = 0.01,
+    compensate: bool = False,
+) -> tuple[RepBlock, tuple[str, ...], dict[str, str]]:
+    """Rep: turn the conv at ``path`` into a RepBlock with the eligible branches of ``kinds``
+    (DyRep Algorithm 1; DESIGN.md "Operation spaces").
+
+    A conv is swapped for ``RepBlock.from_conv(conv)`` (its weight Parameter kept); a RepBlock at
+    ``path`` gets the missing kinds added (RepAn re-expansion). Works at any depth (a conv inside a
+    block's branch). Ineligible or already present kinds are skipped and recorded, not an error.
+
+    Args:
+        kinds: requested branch kinds (``kxk`` implied).
+        gamma_init: the new branches' last-BN γ (DyRep 0.01; DBB/RepVGG 1).
+        compensate: when true, call :meth:`RepBlock.compensate` with the module's eval-mode kernel
+            from before the expansion, so that the block's eval output is unchanged (DyRep Eq. 6;
+            calibrate the new BNs first if you want calibrated statistics).
+
+    Returns:
+        ``(block, added_kinds, skipped)`` with ``skipped = {kind: reason}``.
+
+    Raises:
+        KeyError: no module at ``path``; TypeError: it is neither a conv nor a block;
+        ValueError: unknown kind or a conv that cannot be re-parameterized.
+    """
+    mod = get_module(model, path)
+    if not _is_convlike(mod):
+        raise TypeError(f"'{path}' is a {type(mod).__name__}, not an nn.Conv2d or RepBlock")
+    kept, skipped = eligible_branches(mod, kinds)
+    target = None
+    if compensate:
+        with torch.no_grad():
+            if isinstance(mod, RepBlock):
+                w, b = mod.equivalent_kernel()
+            else:
+                w = mod.weight
+                b = mod.bias if mod.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
+            target = (w.detach().clone(), b.detach().clone())
+    if isinstance(mod, RepBlock):
+        block = mod
+    else:
+        block = RepBlock.from_conv(mod)
+        set_module(model, path, block)
+    added = []
+    for k in kept:
+        if k in block.branches:
+            skipped[k] = "already present"
+            continue
+        block.add_branch(k, gamma_init=gamma_init)
+        added.append(k)
+    if target is not None:
+        block.compensate(*target)
+    if added or skipped:
+        log.debug("expand %s: added %s, skipped %s", path, added, skipped)
+    return block, tuple(added), skipped
+
+
+# ---------------------------------------------------------------------------------- collapse / fuse
+def _following_bn(model: nn.Module, path: str) -> Optional[nn.BatchNorm2d]:
+    """The BN fed only by the module at ``path``: the owning branch's BN for a nested conv, the
+    traced/registered follower for a top-level one."""
+    parent_path, _, name = path.rpartition(".")
+    parent = get_module(model, parent_path)
+    if isinstance(parent, Branch):
+        return parent.following_bn(name)
+    if nesting_depth(model, path) > 0:
+        return None
+    for cp, bp in conv_bn_pairs(model):
+        if cp == path:
+            return get_module(model, bp)
+    return None
+
+
+@torch.no_grad()
+def collapse(model: nn.Module, path: str) -> nn.Module:
+    """Replace a RepBlock left with its ``kxk`` branch alone by a plain module (DyRep code: a block
+    whose extra branches were all cut becomes a plain conv). Exact in eval mode.
+
+    - ``kxk`` conv plain: the block becomes that conv (same weight Parameter) with the BN folded in;
+      the folded bias goes into the following BN's running mean (exact: a constant before a BN only
+      shifts its mean; train-mode BN ignores it) or, if the original conv had a bias, into that bias.
+      When neither is possible and the bias is non-zero, the block is left as it is.
+    - ``kxk`` conv a nested block: the block becomes the nested block, compensated to the outer kernel.
+
+    Returns:
+        the module now at ``path``.
+
+    Raises:
+        KeyError / TypeError: no RepBlock at ``path``; ValueError: the block has other branches.
+    """
+    block = get_module(model, path)
+    if not isinstance(block, RepBlock):
+        raise TypeError(f"'{path}' is a {type(block).__name__}, not a RepBlock")
+    if block.kinds != ("kxk",):
+        raise ValueError(f"block '{path}' still has branches {list(block.kinds)[1:]}; remove them first")
+    w, b = block.equivalent_kernel()
+    w, b = w.detach().clone(), b.detach().clone()
+    inner = block.kxk.conv
+    if isinstance(inner, RepBlock):
+        inner.compensate(w, b)
+        inner.origin_bias = block.origin_bias
+        set_module(model, path, inner)
+        return inner
+    bn = None
+    if not block.origin_bias and bool((b != 0).any()):
+        bn = _following_bn(model, path)
+        if bn is None or bn.running_mean is None:
+            log.warning("collapse %s: non-zero bias and no following BN; block kept", path)
+            return block
+    inner.weight.copy_(w)
+    if block.origin_bias:
+        inner.bias = nn.Parameter(b)
+    elif bn is not None:
+        bn.running_mean.sub_(b.to(bn.running_mean))
+    inner.train(block.training)
+    set_module(model, path, inner)
+    return inner
+
+
+def fuse_blocks(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every top-level RepBlock by its fused ``nn.Conv2d`` with bias (nested blocks fused
+    into their parent's kernel). Exact in eval mode (DyRep Fig. 2, deploy).
+
+    Args:
+        inplace: modify ``model`` itself instead of a deep copy.
+
+    Returns:
+        the model with no RepBlock left (a copy unless ``inplace``).
+    """
+    m = model if inplace else copy.deepcopy(model)
+    if isinstance(m, RepBlock):
+        return m.fuse()
+    for path, block in _top_blocks(m).items():
+        set_module(m, path, block.fuse())
+    return m
+
+
+@torch.no_grad()
+def deploy(model: nn.Module) -> nn.Module:
+    """The inference model: exactly the origin architecture (DyRep Fig. 2; DESIGN.md "Models").
+
+    Deep-copies ``model``, fuses every top-level RepBlock into one conv, and folds that conv's bias
+    into the BN that follows it (``running_mean −= bias``; the bias is removed) unless the original
+    conv had a bias. The result has the origin model's modules and ``state_dict`` keys and shapes;
+    a model without blocks deploys to (a copy of) itself.
+
+    Raises:
+        ValueError: naming the path, when a fused conv has a non-zero bias, the original conv had
+            none, and no BatchNorm (with running statistics) follows it.
+    """
+    if isinstance(model, RepBlock):  # the model is one block: its conv, no BN to fold into
+        conv = model.fuse()
+        if not model.origin_bias:
+            bias = conv.bias.detach()
+            conv.bias = None
+            if bool((bias != 0).any()):
+                raise ValueError("deploy: fused conv '' has a non-zero bias and no BatchNorm follows it to absorb it")
+        return conv
+    m = copy.deepcopy(model)
+    top = _top_blocks(m)
+    pairs = None
+    for path, block in top.items():
+        conv = block.fuse()
+        set_module(m, path, conv)
+        if block.origin_bias:
+            continue
+        bias = conv.bias.detach().clone()
+        conv.bias = None
+        if not bool((bias != 0).any()):
+            continue
+        if pairs is None:
+            pairs = dict(conv_bn_pairs(m))
+        bn = get_module(m, pairs[path]) if path in pairs else None
+        if bn is None or bn.running_mean is None:
+            raise ValueError(
+                f"deploy: fused conv '{path}' has a non-zero bias and no BatchNorm follows it to absorb it"
+            )
+        bn.running_mean.sub_(bias.to(bn.running_mean))
+    return m
+
+
+# ---------------------------------------------------------------------------------- accounting
+def count_branches(model: nn.Module) -> int:
+    """``n_branches``: the number of branch modules in the model (every branch of every block, nested
+    ones included; a ``kxk`` branch holding a nested block counts 1 besides the nested branches) plus
+    1 for every ``nn.Conv2d`` outside any block. A plain model gives its number of convs."""
+    blocks = _block_paths(model)
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, Branch):
+            n += 1
+        elif isinstance(m, nn.Conv2d) and _depth(name, blocks) == 0:
+            n += 1
+    return n
+
+
+def structure(model: nn.Module) -> dict[str, dict]:
+    """``{path: RepBlock.describe()}`` for every top-level block (nested ones inside ``nested``);
+    JSON-able, for ``structure.json``. Rebuild with :func:`apply_structure`."""
+    return {path: block.describe() for path, block in _top_blocks(model).items()}
+
+
+def apply_structure(model: nn.Module, struct: dict[str, dict], gamma_init: float = 0.01) -> nn.Module:
+    """Rebuild the training-time structure recorded by :func:`structure` on a plain model, in place,
+    so that a saved ``state_dict`` of the grown model loads with ``strict=True``.
+
+    Raises:
+        ValueError: when the recorded branches cannot be rebuilt (different model).
+    """
+
+    def _apply(path: str, desc: dict) -> None:
+        block, _, _ = expand(model, path, desc["branches"], gamma_init=gamma_init)
+        block.origin_bias = bool(desc.get("origin_bias", False))
+        if set(block.kinds) != set(desc["branches"]):
+            raise ValueError(f"'{path}': recorded branches {desc['branches']} but built {list(block.kinds)}")
+        for rel, sub in desc.get("nested", {}).items():
+            _apply(f"{path}.{rel}", sub)
+
+    for path, desc in struct.items():
+        _apply(path, desc)
+    return model

@@ -1,0 +1,137 @@
+"""The recipe contract: validation, profiles, --set, sweep points, hashing (DESIGN.md)."""
+
+import pytest
+import yaml
+
+from repsearch.spec import (
+    DyRepSpec,
+    RecipeError,
+    apply_overrides,
+    load_recipe,
+    parse_set,
+    recipe_hash,
+    study_name,
+    trial_recipe,
+    validate_dict,
+)
+
+
+def err(d, source="recipes/x.yaml"):
+    with pytest.raises(RecipeError) as info:
+        validate_dict(d, source)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(source + ": ")
+    return msg
+
+
+def test_defaults_are_the_papers():
+    m = DyRepSpec()
+    assert (m.interval, m.gamma_init, m.dep_threshold, m.dep_floor, m.recal_batches) == (15, 0.01, 0.02, 0.1, 20)
+    assert (m.grow_until, m.max_depth, m.probe_batches, m.scoring, m.space) == (500, 2, 4, "synflow", "dyrep")
+
+
+def test_unknown_metric_names_path_and_allowed_values():
+    msg = err({"method": {"name": "dyrep", "scoring": "sinflow"}})
+    assert "method.scoring: 'sinflow' is not one of random, grad_norm, snip, grasp, synflow, vote" in msg
+    assert "method.dyrep" not in msg
+
+
+def test_unknown_key_lists_allowed_keys():
+    msg = err({"method": {"name": "dyrep", "intervall": 3}})
+    assert "method.intervall: unknown key 'intervall'" in msg and "interval" in msg and "scoring" in msg
+    msg = err({"trian": {}})
+    assert "trian: unknown key" in msg and "train" in msg
+
+
+def test_wrong_type_and_bounds():
+    assert "train.lr: 'fast'" in err({"train": {"lr": "fast"}})
+    msg = err({"method": {"name": "dyrep", "interval": 0}})
+    assert "method.interval: 0" in msg and "greater than 0" in msg
+    assert "method.interval" in err({"method": {"name": "dyrep", "interval": -3}})
+
+
+def test_yaml_1_1_float_strings_are_converted():
+    r = validate_dict({"train": {"weight_decay": "1e-4"}}, "x")
+    assert r.train.weight_decay == pytest.approx(1e-4) and isinstance(r.train.weight_decay, float)
+
+
+def test_unknown_method_space_and_branch():
+    assert "method.name: 'dyrop' is not one of origin, static, dyrep" in err({"method": {"name": "dyrop"}})
+    msg = err({"method": {"name": "dyrep", "space": "dbbb"}})
+    assert "method.space" in msg and "dbb" in msg and "repvgg" in msg
+    msg = err({"method": {"name": "dyrep", "space": ["kxk", "3x3"]}})
+    assert "method.space" in msg and "'3x3'" in msg and "1x1-kxk" in msg
+
+
+def test_grid_over_range_and_pruner_on_multiobjective():
+    msg = err({"sweep": {"params": {"train.lr": {"low": 0.01, "high": 0.1}}}})
+    assert "sweep.params.train.lr" in msg and "grid" in msg and "tpe" in msg
+    msg = err({"sweep": {"objective": [{"metric": "val/top1"}, {"metric": "avg_flops_m", "direction": "minimize"}],
+                         "pruner": "median"}})
+    assert "sweep.pruner" in msg and "single objective" in msg
+
+
+def test_sweep_choices_are_validated_against_the_recipe():
+    msg = err({"method": {"name": "dyrep"}, "sweep": {"params": {"method.scoring": {"choices": ["snip", "sinflow"]}}}})
+    assert "sweep.params.method.scoring: 'sinflow' is not one of random" in msg
+    msg = err({"sweep": {"baselines": [{"method.name": "static", "method.space": "nope"}]}})
+    assert "sweep.baselines[0]" in msg and "method.space" in msg
+
+
+def test_non_grid_needs_n_trials_and_test_is_never_an_objective():
+    assert "sweep.n_trials" in err({"sweep": {"sampler": "tpe", "params": {"train.lr": {"low": 0.01, "high": 0.1}}}})
+    assert "never optimised" in err({"sweep": {"objective": {"metric": "test/top1"}}})
+
+
+def test_profile_then_set_last_wins(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"train": {"lr": 0.1}, "profiles": {"smoke": {"train.lr": 0.2, "train.epochs": 3}}}))
+    r, resolved = load_recipe(p, "smoke", ("train.lr=0.05", "train.lr=0.01"))
+    assert r.train.lr == 0.01 and r.train.epochs == 3 and "profiles" not in resolved
+    with pytest.raises(RecipeError, match="unknown profile 'fast'; available: smoke"):
+        load_recipe(p, "fast")
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_bad_set_and_bad_yaml(tmp_path):
+    for bad in ("train.lr", "=1", "a..b=1", "train.lr=[1,"):
+        with pytest.raises(RecipeError, match="--set"):
+            parse_set(bad)
+    assert parse_set("method.space=[kxk,1x1]") == ("method.space", ["kxk", "1x1"])
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: {lr: 0.1\n")
+    with pytest.raises(RecipeError, match="invalid YAML"):
+        load_recipe(p)
+
+
+def test_switching_method_starts_from_its_defaults():
+    base = {"method": {"name": "dyrep", "scoring": "snip", "interval": 3}}
+    d = apply_overrides(base, {"method.name": "static", "method.space": "repvgg"})
+    assert d["method"] == {"name": "static", "space": "repvgg"}
+    r = validate_dict(base, "x")
+    t = trial_recipe(r, {"method.name": "origin"}, seed=3)
+    assert t.method.name == "origin" and t.seed == 3 and t.sweep is None
+    t = trial_recipe(r, {"method.scoring": "grasp"}, seed=1)
+    assert t.method.scoring == "grasp" and t.method.interval == 3
+
+
+def test_hash_ignores_what_does_not_change_results():
+    a = validate_dict({"sweep": {"seeds": [0]}, "data": {"root": "/a"}}, "x")
+    b = validate_dict({"sweep": {"seeds": [0, 1], "workers": 2}, "data": {"root": "/b"},
+                       "tracking": {"runs_dir": "elsewhere"}}, "x")
+    c = validate_dict({"sweep": {"seeds": [0]}, "train": {"lr": 0.2}}, "x")
+    assert recipe_hash(a) == recipe_hash(b) != recipe_hash(c)
+    assert study_name("recipes/abl.yaml", "smoke", a) == f"abl.smoke-{recipe_hash(a)[:8]}"
+    assert study_name("recipes/abl.yaml", None, a) == f"abl-{recipe_hash(a)[:8]}"
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    for path in sorted(root.glob("*.yaml")):
+        for profile in [None, "smoke"]:
+            r, _ = load_recipe(path, profile)
+            assert r.sweep is not None

@@ -1,0 +1,367 @@
+"""The sweep runner on real stores: Optuna RDB/journal storage and MLflow SQLite in tmp_path.
+
+A fake trial function replaces training (deterministic measures from the trial recipe, one tiny
+artifact), so these tests check the study mechanics: enqueueing, resume, failures, a real SIGKILL,
+non-grid samplers, pruning, multi-objective, and the MLflow run layout.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from rich.console import Console
+
+from repsearch.spec import Recipe, study_name
+from repsearch.sweep import Point, SweepError, open_storage, plan_points, run_study
+from repsearch.tracking import ROLE_TAG, resolve_stores
+
+RECIPE_PATH = "exp.yaml"
+SCORES = {"random": 80.0, "grad_norm": 81.0, "snip": 90.0, "grasp": 91.0, "synflow": 92.0, "vote": 93.0}
+FLOPS = {"snip": 10.0, "grasp": 20.0, "synflow": 30.0}
+
+
+@dataclass
+class FakeResult:
+    final: dict
+    history: list
+    artifacts: list = field(default_factory=list)
+
+
+def _key(recipe: Recipe) -> tuple:
+    return (recipe.method.name, getattr(recipe.method, "scoring", None), recipe.seed)
+
+
+class FakeTrial:
+    """Deterministic stand-in for repsearch.trial.run_trial: val/top1 ramps to a per-scoring score."""
+
+    def __init__(self, epochs: int = 3, fail_on=None, bad_on=None, flops=None):
+        self.calls: list[tuple] = []
+        self.recipes: list[Recipe] = []
+        self.epochs_run: dict[tuple, int] = {}
+        self.epochs, self.fail_on, self.bad_on, self.flops = epochs, fail_on, bad_on, flops or {}
+
+    def __call__(self, recipe, *, data_root, device, out_dir, on_epoch=None, progress=True):
+        key = _key(recipe)
+        self.calls.append(key)
+        self.recipes.append(recipe)
+        scoring = key[1]
+        score = SCORES.get(scoring, 85.0) + 0.5 * recipe.seed
+        history = []
+        for e in range(1, self.epochs + 1):
+            val = 5.0 if self.bad_on is not None and self.bad_on(key) else score * e / self.epochs
+            m = {"val/top1": val, "train/loss": 1.0 / e, "lr": 0.1, "flops_m": 12.0}
+            self.epochs_run[key] = e
+            if on_epoch is not None:
+                on_epoch(e, m)
+            history.append(m)
+        if self.fail_on is not None and self.fail_on(key):
+            raise RuntimeError("boom: loss is nan")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        art = Path(out_dir) / "recipe.yaml"
+        art.write_text(f"seed: {recipe.seed}\n")
+        final = dict(history[-1])
+        final.update({"test/top1": score - 1.0, "avg_flops_m": self.flops.get(scoring, 11.0), "avg_params_m": 1.5,
+                      "cost_gpu_hours": 0.01})
+        return FakeResult(final=final, history=history, artifacts=[art])
+
+
+def grid_recipe(**sweep) -> Recipe:
+    sw = {
+        "params": {"method.scoring": {"choices": ["snip", "grasp", "synflow"]}},
+        "baselines": [{"method.name": "origin"}],
+        "seeds": [0, 1],
+    }
+    sw.update(sweep)
+    return Recipe.model_validate({"method": {"name": "dyrep"}, "train": {"epochs": 3}, "sweep": sw})
+
+
+@pytest.fixture
+def cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("REPSEARCH_STORAGE", raising=False)
+    return tmp_path
+
+
+def _console():
+    buf = io.StringIO()
+    return Console(file=buf, width=200), buf
+
+
+def _run(recipe, fake, **kw):
+    stores = kw.pop("stores", None) or resolve_stores(recipe, RECIPE_PATH)
+    console, buf = _console()
+    summary = run_study(recipe, RECIPE_PATH, None, stores, device="cpu", data_root=None, trial_fn=fake,
+                        console=console, progress=False, **kw)
+    return summary, stores, buf.getvalue()
+
+
+def _study(recipe, stores):
+    return optuna.load_study(study_name=study_name(RECIPE_PATH, None, recipe), storage=open_storage(stores.storage))
+
+
+def _runs(stores):
+    client = MlflowClient(tracking_uri=stores.tracking_uri)
+    exp = client.get_experiment_by_name(stores.experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "study"]
+    children = [r for r in runs if r.data.tags.get(ROLE_TAG) != "study"]
+    return client, exp, parents, children
+
+
+# ------------------------------------------------------------------------------------- tests
+def test_plan_points_grid_baselines_seeds():
+    pts = plan_points(grid_recipe())
+    assert len(pts) == 8
+    assert pts[0] == Point("method.scoring=snip", {"method.scoring": "snip"}, 0)
+    assert pts[3] == Point("baseline:method.name=origin", {"method.name": "origin"}, 0)
+    assert [p.seed for p in pts] == [0] * 4 + [1] * 4
+    two = grid_recipe(params={"method.scoring": {"choices": ["snip", "grasp"]}, "train.lr": {"choices": [0.1, 0.05]}},
+                      baselines=[], seeds=[3])
+    assert [p.point_id for p in plan_points(two)] == [
+        "method.scoring=snip, train.lr=0.1", "method.scoring=snip, train.lr=0.05",
+        "method.scoring=grasp, train.lr=0.1", "method.scoring=grasp, train.lr=0.05"]
+    single = Recipe.model_validate({"seed": 7})
+    assert plan_points(single) == [Point("default", {}, 7)]
+    dup = grid_recipe(baselines=[{"method.name": "origin"}, {"method.name": "origin"}])
+    with pytest.raises(SweepError, match="twice"):
+        plan_points(dup)
+
+
+def test_grid_runs_every_point_once_and_rerun_adds_nothing(cwd):
+    recipe = grid_recipe()
+    fake = FakeTrial()
+    summary, stores, out = _run(recipe, fake)
+    assert (summary.n_total, summary.n_complete, summary.ran_now, summary.failures) == (8, 8, 8, [])
+    assert sorted(fake.calls) == sorted(
+        [("dyrep", s, seed) for s in ("snip", "grasp", "synflow") for seed in (0, 1)] + [("origin", None, 0), ("origin", None, 1)])
+
+    study = _study(recipe, stores)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 8
+    assert sorted((t.user_attrs["point"], t.user_attrs["seed"]) for t in trials) == sorted((p.point_id, p.seed) for p in plan_points(recipe))
+    t0 = trials[0]
+    assert t0.params == {"point": "method.scoring=snip", "method.scoring": "snip", "seed": 0}
+    assert t0.user_attrs["final"]["test/top1"] == 89.0 and t0.values == [90.0]
+    assert t0.intermediate_values == {1: 30.0, 2: 60.0, 3: 90.0}
+    assert study.user_attrs["recipe_hash"] and "method.scoring" in study.user_attrs["recipe_yaml"]
+
+    client, exp, parents, children = _runs(stores)
+    assert exp.artifact_location == str(cwd / "runs" / "artifacts")
+    assert len(parents) == 1 and len(children) == 8
+    parent = parents[0]
+    assert parent.data.tags["study_name"] == summary.study_name and parent.info.status == "FINISHED"
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.artifact_uri.startswith(str(cwd / "runs" / "artifacts"))
+        for tag in ("point", "seed", "recipe_hash", "git_commit", "versions.torch", "versions.optuna", "device", "optuna.trial_number"):
+            assert run.data.tags.get(tag), tag
+        assert run.data.params["train.epochs"] == "3" and run.data.params["seed"] == run.data.tags["seed"]
+        assert run.data.metrics["test/top1"] == run.data.metrics["val/top1"] - 1.0
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["recipe.yaml"]
+    snip0 = next(r for r in children if r.data.tags["point"] == "method.scoring=snip" and r.data.tags["seed"] == "0")
+    assert snip0.data.params["method.scoring"] == "snip"
+    hist = client.get_metric_history(snip0.info.run_id, "val/top1")
+    assert sorted((m.step, m.value) for m in hist) == [(1, 30.0), (2, 60.0), (3, 90.0)]
+    assert not (cwd / "mlruns").exists()
+
+    # re-running: nothing to run, no trial, no parent run
+    again, _, out2 = _run(recipe, fake)
+    assert again.nothing_to_run and again.ran_now == 0 and len(fake.calls) == 8
+    assert f"study {summary.study_name}: 8/8 trials complete, nothing to run" in out2
+    assert len(_study(recipe, stores).get_trials()) == 8
+    _, _, parents2, children2 = _runs(stores)
+    assert len(parents2) == 1 and len(children2) == 8
+    assert [r.configuration for r in again.rows] == [p.point_id for p in plan_points(recipe)[:4]]
+    assert again.rows[0].stat("val/top1").mean == pytest.approx(90.25)
+
+
+def test_failed_point_is_recorded_and_rerun(cwd):
+    recipe = grid_recipe()
+    bad = FakeTrial(fail_on=lambda k: k == ("dyrep", "grasp", 0))
+    summary, stores, out = _run(recipe, bad)
+    assert summary.n_complete == 7 and summary.n_failed == 1 and summary.ran_now == 8
+    assert summary.failures == [("method.scoring=grasp", 0, "RuntimeError: boom: loss is nan")]
+    assert "FAILED" in out
+    study = _study(recipe, stores)
+    failed = [t for t in study.get_trials() if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["error"] == "RuntimeError: boom: loss is nan"
+    client, _, parents, children = _runs(stores)
+    bad_run = client.get_run(failed[0].user_attrs["mlflow_run_id"])
+    assert bad_run.info.status == "FAILED" and bad_run.data.tags["error"] == "RuntimeError: boom: loss is nan"
+    assert "error.txt" in [a.path for a in client.list_artifacts(bad_run.info.run_id)]
+    assert sorted(r.info.status for r in children) == ["FAILED"] + ["FINISHED"] * 7
+
+    good = FakeTrial()
+    again, _, _ = _run(recipe, good)
+    assert good.calls == [("dyrep", "grasp", 0)]
+    assert again.n_complete == 8 and again.failures == [] and not again.nothing_to_run
+    states = [t.state for t in _study(recipe, stores).get_trials()]
+    assert states.count(TrialState.COMPLETE) == 8 and states.count(TrialState.FAIL) == 1
+    _, _, parents2, children2 = _runs(stores)
+    assert len(parents2) == 1 and len(children2) == 9
+
+
+KILL_SCRIPT = """
+import json, sys, time
+from dataclasses import dataclass
+from pathlib import Path
+from repsearch.spec import Recipe
+from repsearch.sweep import run_study
+from repsearch.tracking import resolve_stores
+
+@dataclass
+class R:
+    final: dict
+    history: list
+    artifacts: list
+
+marker = Path(sys.argv[2])
+
+def fake(recipe, *, data_root, device, out_dir, on_epoch=None, progress=True):
+    if recipe.method.name == "origin":
+        on_epoch(1, {"val/top1": 1.0})
+        marker.write_text("running")
+        time.sleep(60)
+    m = {"val/top1": 90.0}
+    on_epoch(1, m)
+    return R(dict(m, **{"test/top1": 89.0}), [m], [])
+
+recipe = Recipe.model_validate(json.loads(sys.argv[1]))
+run_study(recipe, "exp.yaml", None, resolve_stores(recipe, "exp.yaml"), device="cpu", data_root=None,
+          trial_fn=fake, progress=False)
+"""
+
+
+def test_sigkilled_worker_resumes_at_once(cwd):
+    sweep = {"seeds": [0]}
+    recipe = grid_recipe(**sweep)
+    raw = {"method": {"name": "dyrep"}, "train": {"epochs": 1}, "sweep": dict(recipe.sweep.model_dump(mode="json"))}
+    recipe = Recipe.model_validate(raw)
+    (cwd / "kill.py").write_text(KILL_SCRIPT)
+    marker = cwd / "marker"
+    proc = subprocess.Popen([sys.executable, str(cwd / "kill.py"), json.dumps(raw), str(marker)], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the worker never reached the sleeping point"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    stores = resolve_stores(recipe, RECIPE_PATH)
+    study = _study(recipe, stores)
+    running = [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+    assert [t.user_attrs["point"] for t in running] == ["baseline:method.name=origin"]
+    assert running[0].user_attrs["worker_pid"] == proc.pid
+
+    fake = FakeTrial(epochs=1)
+    summary, _, out = _run(recipe, fake, stores=stores)
+    assert fake.calls == [("origin", None, 0)]  # the killed point ran again and nothing else did
+    assert summary.n_complete == 4 and summary.failures == []
+    trials = _study(recipe, stores).get_trials()
+    killed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(killed) == 1 and killed[0].number == running[0].number and "is gone" in killed[0].user_attrs["error"]
+    complete = [(t.user_attrs["point"], t.user_attrs["seed"]) for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == sorted((p.point_id, p.seed) for p in plan_points(recipe))
+    client, _, parents, children = _runs(stores)
+    assert len(parents) == 1
+    assert client.get_run(killed[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * 4 + ["KILLED"]
+
+
+def test_random_sampler_same_configuration_for_every_seed(cwd):
+    recipe = grid_recipe(
+        params={"method.scoring": {"choices": ["snip", "grasp", "synflow"]}, "train.lr": {"low": 0.01, "high": 0.2, "log": True}},
+        sampler="random", n_trials=3, seeds=[0, 1],
+    )
+    fake = FakeTrial()
+    summary, stores, _ = _run(recipe, fake)
+    assert (summary.n_total, summary.n_complete, summary.ran_now) == (8, 8, 8)
+    trials = _study(recipe, stores).get_trials()
+    sampled = [t for t in trials if t.user_attrs.get("config") is not None]
+    assert len(sampled) == 6
+    by_config: dict[int, list] = {}
+    for t in sampled:
+        by_config.setdefault(t.user_attrs["config"], []).append(t)
+    assert sorted(by_config) == [0, 1, 2]
+    lrs = set()
+    for ts in by_config.values():
+        assert sorted(t.user_attrs["seed"] for t in ts) == [0, 1]
+        assert ts[0].params == ts[1].params and set(ts[0].params) == {"method.scoring", "train.lr"}
+        assert len({t.user_attrs["point"] for t in ts}) == 1
+        lrs.add(ts[0].params["train.lr"])
+    assert len(lrs) == 3 and all(0.01 <= lr <= 0.2 for lr in lrs)
+    ran_lrs = sorted(r.train.lr for r in fake.recipes if r.method.name == "dyrep")
+    assert ran_lrs == sorted([lr for lr in lrs for _ in (0, 1)])
+    assert sorted(t.user_attrs["point"] for t in trials if t.user_attrs.get("config") is None) == ["baseline:method.name=origin"] * 2
+    again, _, out = _run(recipe, fake)
+    assert again.nothing_to_run and len(fake.calls) == 8 and "8/8 trials complete, nothing to run" in out
+
+
+def test_median_pruner_prunes_a_clearly_bad_trial(cwd):
+    scorings = ["random", "grad_norm", "snip", "grasp", "synflow", "vote"]
+    recipe = grid_recipe(params={"method.scoring": {"choices": scorings}}, baselines=[], seeds=[0], pruner="median")
+    fake = FakeTrial(epochs=3, bad_on=lambda k: k[1] == "vote")
+    summary, stores, out = _run(recipe, fake)
+    assert summary.n_complete == 5 and summary.n_pruned == 1 and summary.failures == []
+    assert fake.epochs_run[("dyrep", "vote", 0)] == 1  # stopped after its first epoch
+    pruned = [t for t in _study(recipe, stores).get_trials() if t.state == TrialState.PRUNED]
+    assert [t.user_attrs["point"] for t in pruned] == ["method.scoring=vote"]
+    client, _, _, _ = _runs(stores)
+    run = client.get_run(pruned[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["pruned"] == "true"
+    again, _, out2 = _run(recipe, fake)
+    assert again.nothing_to_run and "6/6 trials complete, nothing to run" in out2
+
+
+def test_multi_objective_pareto_front(cwd):
+    recipe = grid_recipe(
+        baselines=[], seeds=[0],
+        objective=[{"metric": "val/top1", "direction": "maximize"}, {"metric": "avg_flops_m", "direction": "minimize"}],
+    )
+    # (val, flops): snip (90, 10), grasp (91, 20), synflow (92, 30): all Pareto-optimal; make synflow dominated
+    fake = FakeTrial(flops={"snip": 10.0, "grasp": 20.0, "synflow": 30.0}, bad_on=lambda k: k[1] == "synflow")
+    summary, stores, _ = _run(recipe, fake)
+    study = _study(recipe, stores)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert summary.n_complete == 3
+    assert sorted(e.configuration for e in summary.pareto) == ["method.scoring=grasp", "method.scoring=snip"]
+    grasp = next(e for e in summary.pareto if e.configuration == "method.scoring=grasp")
+    assert grasp.values == {"val/top1": 91.0, "avg_flops_m": 20.0}
+    console, buf = _console()
+    console.print(summary.pareto)
+    assert "Pareto front" in buf.getvalue() and "method.scoring=grasp" in buf.getvalue()
+
+
+def test_single_recipe_on_journal_storage_and_workers(cwd):
+    recipe = Recipe.model_validate({"seed": 7, "train": {"epochs": 2}})
+    stores = resolve_stores(recipe, RECIPE_PATH, storage=str(cwd / "study.journal"))
+    fake = FakeTrial(epochs=2)
+    summary, _, _ = _run(recipe, fake, stores=stores)
+    assert (summary.n_total, summary.n_complete) == (1, 1) and fake.calls == [("origin", None, 7)]
+    trials = _study(recipe, stores).get_trials()
+    assert [(t.user_attrs["point"], t.user_attrs["seed"], t.state) for t in trials] == [("default", 7, TrialState.COMPLETE)]
+    assert (cwd / "study.journal").is_file()
+    with pytest.raises(SweepError, match="not implemented"):
+        _run(grid_recipe(workers=2), fake)
+    with pytest.raises(SweepError, match="sqlite:///"):
+        resolve = resolve_stores(recipe, RECIPE_PATH, storage=str(cwd / "runs" / "mlflow.db"))
+        _run(recipe, fake, stores=resolve)
