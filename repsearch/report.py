@@ -178,7 +178,7 @@ def comparison_table(
     test accuracy) is shown in bold.
     """
     table = Table(title=title)
-    table.add_column("configuration", overflow="fold")
+    table.add_column("configuration", overflow="fold", ratio=3)
     for col_title, _, _ in COLUMNS:
         table.add_column(col_title, justify="right")
     table.add_column("n", justify="right")
@@ -190,7 +190,7 @@ def comparison_table(
             if kind == "stat":
                 cells.append(format_stat(r.stat(key)))
             elif kind == "sum":
-                cells.append(_fmt(r.cost_gpu_hours, ".3g"))
+                cells.append(_fmt(r.cost_gpu_hours, ".4f"))
             else:
                 cells.append(_fmt(r.stat(key).mean, ".1f" if "flops" in key else ".2f"))
         n = str(r.n)

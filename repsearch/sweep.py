@@ -247,12 +247,13 @@ def open_storage(url: str):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def make_sampler(recipe: Recipe, n_existing: int = 0) -> "optuna.samplers.BaseSampler":
+def make_sampler(recipe: Recipe, n_existing: int = 0, salt: int = 0) -> "optuna.samplers.BaseSampler":
     """The study's sampler, seeded with ``recipe.seed`` mixed with the number of trials already in
-    the study (a resumed study continues the sequence instead of replaying it). A grid study gets a
+    the study (a resumed study continues the sequence instead of replaying it) and ``salt`` (extra
+    workers pass their pid so that two of them never propose in lockstep). A grid study gets a
     RandomSampler, which never chooses anything since every param is fixed by its point."""
     name = recipe.sweep.sampler if recipe.sweep is not None else "grid"
-    seed = (recipe.seed * 1_000_003 + n_existing) % (2**32)
+    seed = (recipe.seed * 1_000_003 + n_existing + salt * 7919) % (2**32)
     s = optuna.samplers
     if name == "tpe":
         return s.TPESampler(seed=seed)
@@ -458,11 +459,16 @@ def _fail_stale(ctx: _Ctx) -> list[FrozenTrial]:
     if not running:
         return []
     reasons: dict[int, str] = {}
+    now = datetime.now()
     for t in running.values():
         a = t.user_attrs
         pid = a.get("worker_pid")
+        reason = None
         if a.get("worker_host") == ctx.host and pid is not None and not process_alive(pid, a.get("worker_started")):
             reason = f"worker {ctx.host}:{pid} is gone"
+        elif pid is None and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > GRACE_PERIOD_S:
+            reason = f"taken {GRACE_PERIOD_S}+ s ago by a worker that never recorded itself"
+        if reason is not None:
             tid = ctx.storage.get_trial_id_from_study_id_trial_number(ctx.study_id, t.number)
             try:
                 ctx.storage.set_trial_user_attr(tid, "error", reason)
@@ -724,7 +730,7 @@ def _work_loop(ctx: _Ctx, max_trials: Optional[int] = None) -> list[tuple[str, O
 
 
 # ------------------------------------------------------------------------------------ opening
-def _open_study(recipe: Recipe, name: str, stores: Stores, create: bool) -> tuple[Any, "optuna.Study", int]:
+def _open_study(recipe: Recipe, name: str, stores: Stores, create: bool, salt: int = 0) -> tuple[Any, "optuna.Study", int]:
     storage = open_storage(stores.storage)
     directions = [o.direction for o in _objectives(recipe)]
     if create:
@@ -739,7 +745,7 @@ def _open_study(recipe: Recipe, name: str, stores: Stores, create: bool) -> tupl
             raise SweepError(f"study '{name}' does not exist in {stores.storage}; run the recipe first") from None
     if [d.name.lower() for d in study.directions] != directions:
         raise SweepError(f"study '{name}' in {stores.storage} has directions {[d.name.lower() for d in study.directions]}, the recipe {directions}")
-    study.sampler = make_sampler(recipe, len(study.get_trials(deepcopy=False)))
+    study.sampler = make_sampler(recipe, len(study.get_trials(deepcopy=False)), salt)
     study_id = storage.get_study_id_from_name(name)
     return storage, study, study_id
 
@@ -928,7 +934,7 @@ def work(
         raise SweepError(f"study '{study_name}' does not exist in {stores.storage}; run the recipe first") from None
     if recipe is None:
         recipe = Recipe.model_validate(yaml.safe_load(attrs["recipe_yaml"]))
-    storage, study, study_id = _open_study(recipe, study_name, stores, create=False)
+    storage, study, study_id = _open_study(recipe, study_name, stores, create=False, salt=os.getpid())
     tracker = Tracker(stores)
     parent = attrs.get("mlflow_parent_run_id") or tracker.find_parent(study_name)
     ctx = _Ctx(

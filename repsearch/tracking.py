@@ -167,6 +167,8 @@ def resolve_stores(
     runs.mkdir(parents=True, exist_ok=True)
     uri = _first(tracking_uri, env.get("MLFLOW_TRACKING_URI"), tr.tracking_uri, cfg.get("tracking_uri"))
     uri = uri or f"sqlite:///{runs / 'mlflow.db'}"
+    if ":" not in uri.split("/", 1)[0] and uri.endswith(".db"):  # a bare path to an SQLite file
+        uri = f"sqlite:///{Path(uri).expanduser().resolve()}"
     sto = _first(storage, env.get("REPSEARCH_STORAGE"), tr.storage, cfg.get("storage"))
     sto = _normalise_storage(sto) if sto else f"sqlite:///{runs / 'optuna.db'}"
     template = _first(tr.experiment, cfg.get("experiment")) or "{stem}"

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,9 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from repsearch.spec import Recipe, study_name
-from repsearch.sweep import Point, SweepError, open_storage, plan_points, run_study
+from repsearch.sweep import (
+    Point, SweepError, load_report, make_pruner, make_sampler, open_storage, plan_points, run_study, work,
+)
 from repsearch.tracking import ROLE_TAG, resolve_stores
 
 RECIPE_PATH = "exp.yaml"
@@ -136,6 +137,13 @@ def test_plan_points_grid_baselines_seeds():
         "method.scoring=grasp, train.lr=0.1", "method.scoring=grasp, train.lr=0.05"]
     single = Recipe.model_validate({"seed": 7})
     assert plan_points(single) == [Point("default", {}, 7)]
+    for sampler, cls in (("tpe", "TPESampler"), ("random", "RandomSampler"), ("cmaes", "CmaEsSampler"), ("nsga2", "NSGAIISampler")):
+        r = grid_recipe(params={"train.lr": {"low": 0.01, "high": 0.1}}, sampler=sampler, n_trials=2)
+        assert type(make_sampler(r)).__name__ == cls
+    assert type(make_sampler(grid_recipe())).__name__ == "RandomSampler"  # never chooses: every param is fixed
+    assert isinstance(make_pruner(grid_recipe(pruner="hyperband")), optuna.pruners.HyperbandPruner)
+    assert isinstance(make_pruner(grid_recipe(pruner="median")), optuna.pruners.MedianPruner)
+    assert isinstance(make_pruner(grid_recipe()), optuna.pruners.NopPruner)
     dup = grid_recipe(baselines=[{"method.name": "origin"}, {"method.name": "origin"}])
     with pytest.raises(SweepError, match="twice"):
         plan_points(dup)
@@ -188,6 +196,8 @@ def test_grid_runs_every_point_once_and_rerun_adds_nothing(cwd):
     assert len(parents2) == 1 and len(children2) == 8
     assert [r.configuration for r in again.rows] == [p.point_id for p in plan_points(recipe)[:4]]
     assert again.rows[0].stat("val/top1").mean == pytest.approx(90.25)
+    rows, pareto = load_report(summary.study_name, stores)
+    assert rows == again.rows and pareto is None
 
 
 def test_failed_point_is_recorded_and_rerun(cwd):
@@ -254,12 +264,13 @@ def test_sigkilled_worker_resumes_at_once(cwd):
     recipe = Recipe.model_validate(raw)
     (cwd / "kill.py").write_text(KILL_SCRIPT)
     marker = cwd / "marker"
-    proc = subprocess.Popen([sys.executable, str(cwd / "kill.py"), json.dumps(raw), str(marker)], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(cwd / "kill.err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, str(cwd / "kill.py"), json.dumps(raw), str(marker)], cwd=cwd,
+                                stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert proc.poll() is None, (cwd / "kill.err").read_text()[-2000:]
             assert time.monotonic() < deadline, "the worker never reached the sleeping point"
             time.sleep(0.1)
         os.kill(proc.pid, signal.SIGKILL)
@@ -365,3 +376,62 @@ def test_single_recipe_on_journal_storage_and_workers(cwd):
     with pytest.raises(SweepError, match="sqlite:///"):
         resolve = resolve_stores(recipe, RECIPE_PATH, storage=str(cwd / "runs" / "mlflow.db"))
         _run(recipe, fake, stores=resolve)
+
+
+def test_expired_heartbeat_is_failed_and_its_point_rerun(cwd, monkeypatch):
+    import repsearch.sweep as sweep_mod
+
+    monkeypatch.setattr(sweep_mod, "GRACE_PERIOD_S", 1)
+    recipe = grid_recipe(seeds=[0])
+    summary, stores, _ = _run(recipe, FakeTrial())
+    assert summary.n_complete == 4
+    # a worker on another machine took a new seed's point, then went silent
+    storage = open_storage(stores.storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    study.enqueue_trial(params={}, user_attrs={"point": "method.scoring=snip", "seed": 5, "kind": "grid",
+                                               "overrides": json.dumps({"method.scoring": "snip"})})
+    trial = study.get_trials()[-1]
+    tid = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(summary.study_name), trial.number)
+    storage.set_trial_state_values(tid, state=TrialState.RUNNING)
+    storage.set_trial_user_attr(tid, "worker_host", "another-machine")
+    storage.set_trial_user_attr(tid, "worker_pid", 1)
+    storage.record_heartbeat(tid)
+    # another worker popped a trial and died before recording itself (no attrs, no heartbeat)
+    study.enqueue_trial(params={}, user_attrs={"point": "method.scoring=grasp", "seed": 5, "kind": "grid",
+                                               "overrides": json.dumps({"method.scoring": "grasp"})})
+    mute = study.get_trials()[-1]
+    mute_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(summary.study_name), mute.number)
+    storage.set_trial_state_values(mute_id, state=TrialState.RUNNING)
+    time.sleep(2.2)
+    fake = FakeTrial()
+    recipe5 = grid_recipe(seeds=[0, 5])
+    again, _, _ = _run(recipe5, fake, stores=stores)
+    assert again.study_name == summary.study_name  # seeds are not part of the study's identity
+    after = _study(recipe, stores).get_trials()
+    assert after[trial.number].state == TrialState.FAIL and after[mute.number].state == TrialState.FAIL
+    assert "never recorded" in after[mute.number].user_attrs["error"]
+    assert sorted(fake.calls) == sorted([("dyrep", s, 5) for s in ("snip", "grasp", "synflow")] + [("origin", None, 5)])
+    assert again.n_complete == 8
+
+
+def test_keyboard_interrupt_fails_the_trial_and_kills_its_run(cwd):
+    def interrupted(recipe, **kw):
+        raise KeyboardInterrupt
+
+    recipe = grid_recipe(seeds=[0])
+    with pytest.raises(KeyboardInterrupt):
+        _run(recipe, interrupted)
+    stores = resolve_stores(recipe, RECIPE_PATH)
+    trials = _study(recipe, stores).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.WAITING] * 3
+    client, _, parents, children = _runs(stores)
+    assert [r.info.status for r in children] == ["KILLED"] and [r.info.status for r in parents] == ["KILLED"]
+    # a separate worker only pops WAITING trials (recipe read back from the study); it enqueues nothing
+    fake = FakeTrial()
+    assert work(study_name(RECIPE_PATH, None, recipe), stores, device="cpu", data_root=None, trial_fn=fake, progress=False) == 3
+    assert sorted(fake.calls) == [("dyrep", "grasp", 0), ("dyrep", "synflow", 0), ("origin", None, 0)]
+    summary, _, _ = _run(recipe, fake, stores=stores)  # the parent re-enqueues the failed point
+    assert summary.n_complete == 4 and fake.calls[3:] == [("dyrep", "snip", 0)]
+    _, _, parents2, children2 = _runs(stores)
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children2)
+    assert [r.info.run_id for r in parents2] == [r.info.run_id for r in parents]

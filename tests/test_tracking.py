@@ -64,6 +64,7 @@ def test_precedence_flag_env_recipe_yaml(cwd):
     # flag > env
     s = resolve_stores(rec, "a/b.yaml", environ=env, runs_dir="flag_runs", tracking_uri="sqlite:///flag.db", storage="flag.journal")
     assert (s.runs_dir, s.tracking_uri, s.storage) == (cwd / "flag_runs", "sqlite:///flag.db", str(cwd / "flag.journal"))
+    assert resolve_stores(rec, "a/b.yaml", environ={}, tracking_uri="sub/m.db").tracking_uri == f"sqlite:///{cwd / 'sub' / 'm.db'}"
     # a remote tracking server chooses its own artifact location
     assert resolve_stores(rec, "a/b.yaml", environ={}, tracking_uri="http://127.0.0.1:5000").artifact_location is None
 
