@@ -86,6 +86,12 @@ def main(verbose: int) -> None:
     """repsearch: structural re-parameterization (DyRep, RepAn, RepOpt) as searchable experiments."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING if verbose == 0 else optuna.logging.INFO)
+    except ImportError:  # pragma: no cover - optuna is a dependency
+        pass
 
 
 @main.command()
@@ -112,7 +118,7 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
     root = resolve_data_root(data_root, rec.data.root)
     if not rec.data.download:
         find_layout(root, rec.data.dataset, rec.data.format)
-    stores = resolve_stores(rec, recipe, runs_dir=runs_dir, tracking_uri=tracking_uri, storage=storage)
+    stores = resolve_stores(rec, recipe, runs_dir=runs_dir, tracking_uri=tracking_uri, storage=storage, profile=profile)
     console = Console(stderr=False)
     summary = run_study(
         rec, recipe, profile, stores, device=device, data_root=str(root), console=console, progress=not no_progress

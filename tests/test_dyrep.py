@@ -1,0 +1,200 @@
+"""DyRep (Algorithm 1 as METHODS.md settles it): schedule, Rep with BN re-calibration and
+compensation (Eq. 6), Dep with folding (Eq. 10) over every block, nested ones included."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from repsearch.methods.dyrep import DyRep, recalibrate_bn
+from repsearch.models import build_model
+from repsearch.rep import RepBlock, candidate_convs, deploy, expand, get_module, repblocks
+from repsearch.spec import DyRepSpec, TrainSpec
+from repsearch.train import Trainer
+
+TOL = 1e-5
+
+
+def assert_close(y, ref):
+    err = (y - ref).abs().max().item()
+    assert err <= TOL * max(1.0, ref.abs().max().item()), err
+
+
+def randomize_bns(model, gen):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.2)
+
+
+def tiny_vgg():
+    return build_model("vgg16", num_classes=10, width=1 / 16)
+
+
+def batches(n=4, b=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g)) for _ in range(n)]
+
+
+def test_schedule_contract():
+    m = DyRep(DyRepSpec(interval=15, grow_until=500))
+    adjust = [e for e in range(1, 601) if m.adjusts_at(e)]
+    assert adjust[0] == 15 and adjust[-1] == 495 and len(adjust) == 33
+    m = DyRep(DyRepSpec(interval=2, grow_until=6))
+    assert [e for e in range(1, 10) if m.adjusts_at(e)] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("metric", ["synflow", "grasp", "vote", "random"])
+def test_rep_keeps_the_eval_output(metric):
+    """Rep (expand + re-calibrate the new BNs + compensate) leaves the eval-mode model unchanged."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = tiny_vgg()
+    randomize_bns(model, gen)
+    method = DyRep(DyRepSpec(scoring=metric, interval=1, recal_batches=3, probe_batches=2), seed=0)
+    model = method.prepare(model, [])
+    data = batches()
+    x = data[0][0]
+    for images, labels in data:  # a few training steps so that scores exist
+        loss = nn.functional.cross_entropy(model(images), labels)
+        model.zero_grad()
+        loss.backward()
+        method.after_backward(model, 0)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    model.train()
+    bn_stats = {n: b.detach().clone() for n, b in model.named_buffers()}
+    path = method.rep(model, epoch=1, loader=data)
+    assert isinstance(get_module(model, path), RepBlock)
+    ev = method.events[-1]
+    assert ev["kind"] == "rep" and ev["path"] == path and set(ev["scores"]) >= {path}
+    assert ev["compensation_max_err"] < 1e-5
+    # the new branches' BNs were re-calibrated (not the default 0/1 statistics)
+    block = get_module(model, path)
+    new_last = block.branches["1x1"].last_bn
+    assert not torch.allclose(new_last.running_var, torch.ones_like(new_last.running_var))
+    assert torch.allclose(new_last.weight, torch.full_like(new_last.weight, 0.01))
+    # and no other BN statistics moved
+    for n, b in model.named_buffers():
+        if n in bn_stats:
+            assert torch.equal(b, bn_stats[n]), n
+    model.eval()
+    with torch.no_grad():
+        assert_close(model(x), ref)
+
+
+def test_recalibrate_only_touches_given_bns():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    before = model[1].running_mean.clone()
+    used = recalibrate_bn(model, [model[3]], batches(n=5), 3)
+    assert used == 3 and torch.equal(model[1].running_mean, before)
+    assert model[3].num_batches_tracked.item() == 3 and model[3].momentum == 0.1
+    assert model.training
+
+
+def grown(seed=0):
+    torch.manual_seed(seed)
+    model = tiny_vgg()
+    randomize_bns(model, torch.Generator().manual_seed(seed + 1))
+    kinds = ("kxk", "1x1", "1x1-kxk", "1x1-avg", "1xk", "kx1", "identity")
+    expand(model, "features.3", kinds, gamma_init=0.01)
+    expand(model, "features.7", kinds, gamma_init=0.01)
+    expand(model, "features.3.branches.kxk.conv", kinds, gamma_init=0.01)  # nested
+    randomize_bns(model, torch.Generator().manual_seed(seed + 2))
+    return model
+
+
+def set_importance(block, values):
+    kxk_gamma = block.branches["kxk"].last_bn.weight.abs().mean().item()
+    for kind, v in values.items():
+        block.branches[kind].last_bn.weight.data.fill_(v * kxk_gamma)
+
+
+def test_dep_cuts_below_mean_and_floor_and_keeps_output():
+    model = grown()
+    a = get_module(model, "features.3")
+    nested = get_module(model, "features.3.branches.kxk.conv")
+    b = get_module(model, "features.7")
+    set_importance(a, {"1x1": 0.5, "1x1-kxk": 0.05, "1x1-avg": 0.4, "1xk": 0.02, "kx1": 0.6, "identity": 0.45})
+    set_importance(nested, {"1x1": 0.3, "1x1-kxk": 0.01, "1x1-avg": 0.3, "1xk": 0.3, "kx1": 0.3, "identity": 0.3})
+    set_importance(b, {"1x1": 0.011, "1x1-kxk": 0.01, "1x1-avg": 0.01, "1xk": 0.012, "kx1": 0.01})
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    method = DyRep(DyRepSpec(dep_threshold=0.02, dep_floor=0.1))
+    cut = method.dep(model, epoch=3, exempt=set())
+    assert sorted(get_module(model, "features.3").kinds) == sorted(["kxk", "1x1", "1x1-avg", "kx1", "identity"])
+    assert "1x1-kxk" not in get_module(model, "features.3.branches.kxk.conv").kinds
+    assert len(get_module(model, "features.7").kinds) == 6  # std 0.0008 < lambda: nothing cut (no identity: C_in != C_out)
+    assert cut == 3
+    deps = [e for e in method.events if e["kind"] == "dep"]
+    assert {e["path"] for e in deps} == {"features.3", "features.3.branches.kxk.conv"}
+    for e in deps:
+        assert e["std"] > 0.02 and set(e["removed"]) <= set(e["importances"])
+        assert all(e["importances"][k] < e["mean"] and e["importances"][k] < 0.1 for k in e["removed"])
+    json.dumps(method.events)
+    with torch.no_grad():
+        assert_close(model(x), ref)
+
+
+def test_dep_exempts_the_new_block_and_collapses_empty_blocks():
+    model = grown(seed=3)
+    a = get_module(model, "features.3")
+    set_importance(a, {"1x1": 0.01, "1x1-kxk": 0.01, "1x1-avg": 0.01, "1xk": 0.01, "kx1": 0.3, "identity": 0.3})
+    method = DyRep(DyRepSpec())
+    method.dep(model, epoch=1, exempt={"features.3"})
+    assert len(get_module(model, "features.3").kinds) == 7  # exempt: nothing cut
+    # a block whose every extra branch is cut becomes a plain conv again (official code)
+    others = {"features.3", "features.3.branches.kxk.conv"}
+    b = get_module(model, "features.7")
+    for kind in ("1x1", "1x1-kxk", "1x1-avg"):
+        b.remove_branches([kind])
+    set_importance(b, {"kx1": 0.01, "1xk": 0.01})
+    assert method.dep(model, epoch=2, exempt=others) == 0  # two equal values: std 0
+    b.remove_branches(["1xk"])
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    set_importance(b, {"kx1": 0.01})
+    assert method.dep(model, epoch=3, exempt=others) == 0  # one value: never cut (torch.std is NaN)
+    b.remove_branches(["kx1"])
+    from repsearch.rep import collapse
+
+    collapse(model, "features.7")
+    assert isinstance(get_module(model, "features.7"), nn.Conv2d)
+    with torch.no_grad():
+        assert_close(model(x), ref)
+
+
+def test_dyrep_in_the_trainer_grows_cuts_and_deploys(tiny_data):
+    """Two adjustments through the real Trainer: optimizer groups follow the structure, the grown
+    model deploys to the origin architecture with the same eval outputs."""
+    torch.manual_seed(0)
+    model = tiny_vgg()
+    method = DyRep(DyRepSpec(interval=1, grow_until=2, recal_batches=2), seed=0)
+    model = method.prepare(model, tiny_data.train)
+    spec = TrainSpec(epochs=3, batch_size=32, lr=0.05)
+    trainer = Trainer(model, method, tiny_data.train, tiny_data.val, spec, torch.device("cpu"))
+    history = trainer.fit()
+    reps = [e for e in method.events if e["kind"] == "rep"]
+    assert [e["epoch"] for e in reps] == [1, 2]
+    assert history[0]["n_branches"] < history[-1]["n_branches"]
+    assert history[-1]["avg_flops_m"] == pytest.approx(sum(h["flops_m"] for h in history) / 3)
+    params = {id(p) for p in model.parameters()}
+    in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert params == in_opt
+    plain = deploy(model)
+    origin = tiny_vgg()
+    origin.load_state_dict(plain.state_dict(), strict=True)
+    model.eval()
+    origin.eval()
+    x, _ = next(iter(tiny_data.val))
+    with torch.no_grad():
+        assert_close(origin(x), model(x))
