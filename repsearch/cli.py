@@ -119,7 +119,7 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
     if not rec.data.download:
         find_layout(root, rec.data.dataset, rec.data.format)
     stores = resolve_stores(rec, recipe, runs_dir=runs_dir, tracking_uri=tracking_uri, storage=storage, profile=profile)
-    console = Console(stderr=False)
+    console = Console(width=None if sys.stdout.isatty() else 160)
     summary = run_study(
         rec, recipe, profile, stores, device=device, data_root=str(root), console=console, progress=not no_progress
     )

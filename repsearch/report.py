@@ -178,7 +178,8 @@ def comparison_table(
     test accuracy) is shown in bold.
     """
     table = Table(title=title)
-    table.add_column("configuration", overflow="fold", ratio=3)
+    width = max([len("configuration")] + [len(r.configuration) for r in rows])
+    table.add_column("configuration", overflow="fold", min_width=min(width, 60))
     for col_title, _, _ in COLUMNS:
         table.add_column(col_title, justify="right")
     table.add_column("n", justify="right")

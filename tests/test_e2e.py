@@ -1,0 +1,155 @@
+"""End to end through the real CLI on real CIFAR-10 (tiny overrides of the smoke profile): the
+whole ablation sweep, the stores it leaves, re-running, and a sweep killed with SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from repsearch.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "recipes" / "ablation_scoring.yaml")
+TINY = [
+    "data.train_subset=64", "data.val_size=32", "data.test_subset=32", "model.width=0.0625",
+    "train.batch_size=32", "train.eval_batch_size=64", "method.recal_batches=1", "method.probe_batches=1",
+]
+
+
+def cli(runs: Path, data_root: Path, epochs: int = 2, extra=()):
+    args = [sys.executable, "-m", "repsearch", "run", RECIPE, "--profile", "smoke", "--runs-dir", str(runs),
+            "--data-root", str(data_root), "--device", "cpu", "--no-progress"]
+    for s in TINY + [f"train.epochs={epochs}", f"method.grow_until={epochs}"] + list(extra):
+        args += ["--set", s]
+    return args
+
+
+def study_of(runs: Path) -> optuna.Study:
+    storage = f"sqlite:///{runs / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage)
+
+
+def mlflow_runs(runs: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    exps = [e for e in client.search_experiments() if e.name != "Default"]
+    assert len(exps) == 1 and Path(exps[0].artifact_location.replace("file://", "")) == runs / "artifacts"
+    found = client.search_runs([exps[0].experiment_id], max_results=1000)
+    parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in found if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, data_root):
+    tmp = tmp_path_factory.mktemp("e2e")
+    runs = tmp / "runs"
+    proc = subprocess.run(cli(runs, data_root), capture_output=True, text=True, cwd=tmp, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, runs, proc
+
+
+def test_sweep_creates_one_parent_and_seven_finished_children(finished_sweep):
+    tmp, runs, proc = finished_sweep
+    assert not (tmp / "mlruns").exists()
+    study = study_of(runs)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 7
+    points = sorted(t.user_attrs["point"] for t in trials)
+    assert len(set(points)) == 7
+    client, parents, children = mlflow_runs(runs)
+    assert len(parents) == 1 and len(children) == 7
+    assert {c.info.status for c in children} == {"FINISHED"}
+    for c in children:
+        assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        for key in ("val/top1", "train/loss", "flops_m", "avg_flops_m", "n_branches", "cost_gpu_hours", "mem_peak_mb"):
+            assert len(client.get_metric_history(c.info.run_id, key)) == 2, key
+        assert c.data.metrics["deploy/rel_err"] <= 1e-5
+        assert c.data.metrics["deploy/val_top1"] == pytest.approx(c.data.metrics["train_model/val_top1"])
+        assert "test/top1" in c.data.metrics
+        names = {a.path for a in client.list_artifacts(c.info.run_id)}
+        assert {"recipe.yaml", "events.json", "structure.json", "deployed.pt"} <= names
+    # the table: 7 configurations with val and test top-1
+    for label in ("random", "grad_norm", "snip", "grasp", "synflow", "vote", "origin"):
+        assert label in proc.stdout
+
+
+def test_dyrep_trials_rep_and_deploy_loads_strictly(finished_sweep):
+    tmp, runs, _ = finished_sweep
+    client, _, children = mlflow_runs(runs)
+    for c in children:
+        scoring = c.data.params.get("method.scoring")
+        local = Path(client.download_artifacts(c.info.run_id, "deployed.pt", str(tmp / c.info.run_id)))
+        ckpt = torch.load(local, weights_only=True)
+        model = build_model(ckpt["model"], **ckpt["kwargs"])
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        if c.data.params["method.name"] == "dyrep":
+            events = json.loads(Path(client.download_artifacts(c.info.run_id, "events.json", str(tmp / c.info.run_id))).read_text())
+            reps = [e for e in events if e["kind"] == "rep"]
+            assert [e["epoch"] for e in reps] == [1, 2], scoring
+            assert all(e["metric"] == scoring for e in reps)
+            assert c.data.metrics["n_rep"] == 2
+            assert all("importances" in e for e in events if e["kind"] == "dep_scan")
+
+
+def test_rerun_adds_nothing(finished_sweep, data_root):
+    tmp, runs, _ = finished_sweep
+    proc = subprocess.run(cli(runs, data_root), capture_output=True, text=True, cwd=tmp, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "7/7 trials complete, nothing to run" in proc.stdout
+    assert len(study_of(runs).get_trials(deepcopy=False)) == 7
+    _, parents, children = mlflow_runs(runs)
+    assert len(parents) == 1 and len(children) == 7
+
+
+def test_sigkill_mid_trial_then_rerun_runs_the_killed_point_only(tmp_path, data_root):
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(cli(runs, data_root, epochs=3), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    killed = None
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if not (runs / "optuna.db").exists():
+                continue
+            try:
+                trials = study_of(runs).get_trials(deepcopy=False)
+            except Exception:  # the study may not exist yet
+                continue
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.number == 2]
+            if running:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = running[0]
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert killed is not None, "never saw trial 2 running"
+    before = {t.number: t.state for t in study_of(runs).get_trials(deepcopy=False)}
+    assert before[0] == before[1] == TrialState.COMPLETE and before[2] == TrialState.RUNNING
+    done = subprocess.run(cli(runs, data_root, epochs=3), capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = study_of(runs).get_trials(deepcopy=False)
+    states = {t.number: t.state for t in trials}
+    assert states[2] == TrialState.FAIL
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 7 and len({t.user_attrs["point"] for t in complete}) == 7
+    assert len(trials) == 8  # the killed point ran again, nothing else twice
+    again = [t for t in complete if t.user_attrs["point"] == killed.user_attrs["point"]]
+    assert len(again) == 1 and again[0].number > 2
+    _, parents, children = mlflow_runs(runs)
+    assert len(parents) == 1
+    statuses = sorted(c.info.status for c in children)
+    assert statuses.count("KILLED") == 1 and statuses.count("FINISHED") == 7

@@ -1,0 +1,66 @@
+"""The training loop: per-epoch measures (DESIGN.md measures contract), NaN loss, seeding."""
+
+import math
+
+import pytest
+import torch
+
+from repsearch.methods.base import Method
+from repsearch.methods.static import Static
+from repsearch.models import build_model
+from repsearch.spec import StaticSpec, TrainSpec
+from repsearch.train import NonFiniteLoss, Trainer, evaluate, seed_everything
+
+MEASURES = {"train/loss", "train/top1", "val/loss", "val/top1", "lr", "epoch_time_s", "train_images_per_s",
+            "mem_peak_mb", "flops_m", "params_m", "avg_flops_m", "avg_params_m", "n_branches", "cost_gpu_hours"}
+
+
+def test_trainer_reports_every_measure_each_epoch(tiny_data):
+    seed_everything(0)
+    model = build_model("vgg16", width=1 / 16)
+    seen = []
+    trainer = Trainer(model, Method(None), tiny_data.train, tiny_data.val, TrainSpec(epochs=2, batch_size=32, lr=0.05),
+                      torch.device("cpu"), on_epoch=lambda e, m: seen.append(e))
+    history = trainer.fit()
+    assert seen == [1, 2] and len(history) == 2
+    for m in history:
+        assert set(m) == MEASURES
+        assert all(math.isfinite(v) for v in m.values())
+        assert 0 <= m["val/top1"] <= 100 and m["n_branches"] == 13
+    assert history[1]["cost_gpu_hours"] > history[0]["cost_gpu_hours"] > 0
+    assert history[0]["lr"] > history[1]["lr"]
+    # the reported val top-1 is the model's accuracy on the validation loader
+    assert evaluate(model, tiny_data.val, torch.device("cpu"))[1] == pytest.approx(history[-1]["val/top1"])
+
+
+def test_static_dbb_counts_more_flops_and_params(tiny_data):
+    seed_everything(0)
+    origin = Trainer(build_model("vgg16", width=1 / 16), Method(None), tiny_data.train, tiny_data.val,
+                     TrainSpec(epochs=1), torch.device("cpu"))
+    model = Static(StaticSpec(space="dbb")).prepare(build_model("vgg16", width=1 / 16), [])
+    dbb = Trainer(model, Method(None), tiny_data.train, tiny_data.val, TrainSpec(epochs=1), torch.device("cpu"))
+    assert dbb.flops_m > origin.flops_m and dbb.params_m > origin.params_m
+    assert dbb.n_branches == 13 * 4
+
+
+class NaNLoss(Method):
+    def loss(self, logits, target, images):
+        return super().loss(logits, target, images) * float("nan")
+
+
+def test_nan_loss_fails_the_epoch(tiny_data):
+    model = build_model("vgg16", width=1 / 16)
+    trainer = Trainer(model, NaNLoss(None), tiny_data.train, tiny_data.val, TrainSpec(epochs=2), torch.device("cpu"))
+    with pytest.raises(NonFiniteLoss, match="epoch 1"):
+        trainer.fit()
+
+
+def test_seed_makes_training_reproducible(tiny_data):
+    def run():
+        seed_everything(7)
+        model = build_model("vgg16", width=1 / 16)
+        tiny_data.train.set_epoch(0)
+        return Trainer(model, Method(None), tiny_data.train, tiny_data.val, TrainSpec(epochs=1, lr=0.05),
+                       torch.device("cpu")).fit()[0]["train/loss"]
+
+    assert run() == run()
