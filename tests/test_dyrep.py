@@ -12,23 +12,12 @@ from repsearch.models import build_model
 from repsearch.rep import RepBlock, candidate_convs, deploy, expand, get_module, repblocks
 from repsearch.spec import DyRepSpec, TrainSpec
 from repsearch.train import Trainer
-
-TOL = 1e-5
-
-
-def assert_close(y, ref):
-    err = (y - ref).abs().max().item()
-    assert err <= TOL * max(1.0, ref.abs().max().item()), err
+from equivalence import assert_close, randomize_bns
 
 
-def randomize_bns(model, gen):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.2)
+
+
+
 
 
 def tiny_vgg():

@@ -25,24 +25,11 @@ from repsearch.rep import (
     set_module,
     structure,
 )
+from equivalence import assert_close, randomize_bns
 
 
-def assert_close(y, ref):
-    tol = 1e-5 * max(1.0, ref.abs().max().item())
-    err = (y - ref).abs().max().item()
-    assert y.shape == ref.shape
-    assert err <= tol, f"max abs err {err:.3e} > {tol:.3e}"
 
 
-@torch.no_grad()
-def randomize_bns(module):
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.normal_(0, 0.5)
-            m.running_var.uniform_(0.3, 2.0)
-            m.weight.uniform_(0.5, 1.5).mul_(torch.randint(0, 2, (c,)) * 2 - 1)
-            m.bias.normal_(0, 0.5)
 
 
 class TinyNet(nn.Module):
