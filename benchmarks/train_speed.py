@@ -12,6 +12,7 @@ nested once). Run on demand; prints a table (images/s; fraction of step time).
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -67,8 +68,9 @@ def bare_step_rate(model, device, batch, steps, amp, channels_last, metric=None)
     acc = None
     if metric is not None:
         acc = scoring.SaliencyAccumulator(candidate_convs(model, 2), scoring.STEP_METRICS(metric) or (metric,), device)
-    for i in range(steps + 3):
-        if i == 3:
+    warm = 5
+    for i in range(steps + warm):
+        if i == warm:
             sync(device)
             t0 = time.perf_counter()
         with autocast_for(device, amp):
@@ -100,12 +102,13 @@ def main() -> None:
     ap.add_argument("--no-amp", action="store_true")
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--models", default="origin,dbb,dyrep-grown")
+    ap.add_argument("--repeats", type=int, default=3, help="paired repetitions per figure (median)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     width = args.width if args.width is not None else (1.0 if cuda else 0.25)
-    steps = args.steps or (100 if cuda else 10)
+    steps = args.steps or (100 if cuda else 15)
     subset = args.train_subset if args.train_subset is not None else (None if cuda else 2048)
     amp = cuda and not args.no_amp
     cl = cuda and not args.no_channels_last
@@ -115,7 +118,7 @@ def main() -> None:
         batch_size=args.batch_size, eval_batch_size=500, device=str(device), channels_last=cl,
     )
     spec = TrainSpec(epochs=2, batch_size=args.batch_size, amp=amp, channels_last=cl, lr=0.01)
-    console = Console()
+    console = Console(width=160)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     table = Table(title=f"train speed: VGG-16 x{width:g}, batch {args.batch_size}, {name}, torch {torch.__version__}, "
                         f"{'bf16' if amp else 'fp32'}{' + channels_last' if cl else ''}")
@@ -124,17 +127,21 @@ def main() -> None:
         table.add_column(col, justify="right")
     for mname in args.models.split(","):
         model = build(mname, width, device)
-        bare = bare_step_rate(model, device, args.batch_size, steps, amp, cl)
         real = trainer_rate(model, data, device, spec)
+        bare = statistics.median(bare_step_rate(model, device, args.batch_size, steps, amp, cl) for _ in range(args.repeats))
         costs = []
         for metric in scoring.FREE_METRICS:
-            base = bare_step_rate(model, device, args.batch_size, steps, amp, cl)
-            with_metric = bare_step_rate(model, device, args.batch_size, steps, amp, cl, metric=metric)
-            costs.append(f"{base / with_metric - 1:+.1%}")
+            ratios = []
+            for _ in range(args.repeats):  # paired, interleaved runs: the median ratio resists noise
+                base = bare_step_rate(model, device, args.batch_size, steps, amp, cl)
+                with_metric = bare_step_rate(model, device, args.batch_size, steps, amp, cl, metric=metric)
+                ratios.append(base / with_metric - 1)
+            costs.append(f"{statistics.median(ratios):+.1%}")
         table.add_row(mname, str(count_branches(model)), f"{bare:,.0f}", f"{real:,.0f}", f"{real / bare:.0%}", *costs)
     console.print(table)
-    console.print("metric columns: extra step time with the on-device saliency accumulation after backward "
-                  "(random draws at adjustment time only, so ~0 by design); noise on a busy CPU is a few %.")
+    console.print("bare: forward+backward+SGD on one synthetic batch; Trainer: real data, augmentation, measures "
+                  "(last of 2 epochs). Metric columns: extra step time with the on-device saliency accumulation "
+                  "after backward, median of paired runs (random draws at adjustment time only: ~0 by design).")
 
 
 if __name__ == "__main__":

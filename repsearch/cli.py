@@ -186,14 +186,21 @@ def spaces():
 @click.option("--port", default=None, type=int, help="Port (default from mlflow.yaml, 5000).")
 @user_errors
 def ui(runs_dir, host, port):
-    """Open the MLflow UI on the runs folder (needs the `ui` extra: full mlflow)."""
+    """Open the MLflow UI on the runs folder (needs the `ui` extra: full mlflow). Binds 127.0.0.1."""
+    import importlib.util
     import shutil
 
-    from repsearch.tracking import ui_command
+    from repsearch.tracking import UI_ENV, ui_command
 
-    cmd = ui_command(runs_dir=runs_dir, host=host, port=port)
-    if shutil.which(cmd[0]) is None:
+    if importlib.util.find_spec("flask") is None:  # mlflow-skinny has the CLI but not the server
         raise UserError("the MLflow UI needs the full mlflow package: pip install -e '.[ui]' -c constraints.txt")
+    cmd = ui_command(runs_dir=runs_dir, host=host, port=port)
+    beside = Path(sys.executable).parent / cmd[0]  # the venv's own mlflow, even when not on PATH
+    if beside.exists():
+        cmd[0] = str(beside)
+    elif shutil.which(cmd[0]) is None:
+        raise UserError(f"'{cmd[0]}' not found on PATH; install the ui extra: pip install -e '.[ui]' -c constraints.txt")
+    os.environ.update(UI_ENV)
     click.echo(" ".join(cmd), err=True)
     os.execvp(cmd[0], cmd)
 

@@ -84,9 +84,9 @@ def test_mlflow_yaml_mistakes_are_user_errors(cwd):
 def test_ui_command(cwd):
     s = resolve_stores(_recipe(), "exp.yaml", environ={})
     assert ui_command(s) == ["mlflow", "ui", "--backend-store-uri", s.tracking_uri, "--default-artifact-root",
-                             s.artifact_location, "--host", "127.0.0.1", "--port", "5000"]
+                             s.artifact_location, "--host", "127.0.0.1", "--port", "5000", "--workers", "1"]
     cmd = ui_command(runs_dir="other", port=5123, host="0.0.0.0")
-    assert cmd[3] == f"sqlite:///{cwd / 'other' / 'mlflow.db'}" and cmd[-4:] == ["--host", "0.0.0.0", "--port", "5123"]
+    assert cmd[3] == f"sqlite:///{cwd / 'other' / 'mlflow.db'}" and cmd[-6:-2] == ["--host", "0.0.0.0", "--port", "5123"]
 
 
 def test_flatten_params():
