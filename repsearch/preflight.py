@@ -48,16 +48,35 @@ def check_space_fits(recipe: Recipe, source: str, where: str = "method.space") -
     )
 
 
+def check_batches(recipe: Recipe, source: str) -> None:
+    """Raise :class:`RecipeError` when the training split (after ``val_size`` and ``train_subset``)
+    holds fewer images than one batch, or ``val_size`` leaves no training image (CIFAR sizes)."""
+    d = recipe.data
+    total = TRAIN_SIZES.get(d.dataset)
+    if total is None:
+        return
+    if d.val_size >= total:
+        raise RecipeError(f"{source}: data.val_size: {d.val_size} leaves no training image ({d.dataset} has {total})")
+    n_train = min(d.train_subset or total, total - d.val_size)
+    if n_train < recipe.train.batch_size:
+        raise RecipeError(
+            f"{source}: data.train_subset: {n_train} training images are fewer than one batch "
+            f"(train.batch_size {recipe.train.batch_size})"
+        )
+
+
 def check_recipe(recipe: Recipe, recipe_path: str | Path) -> None:
     """Model-level checks of the recipe and of every sweep point and baseline.
 
     Raises:
-        RecipeError: a space that leaves no branch beyond kxk (names the dotted path).
+        RecipeError: a space that leaves no branch beyond kxk (names the dotted path); a training
+            split smaller than one batch.
     """
     from repsearch.sweep import plan_points
 
     source = str(recipe_path)
     check_space_fits(recipe, source)
+    check_batches(recipe, source)
     if recipe.sweep is None:
         return
     seen = set()
@@ -68,6 +87,7 @@ def check_recipe(recipe: Recipe, recipe_path: str | Path) -> None:
         seen.add(key)
         trial = trial_recipe(recipe, point.overrides, point.seed)
         check_space_fits(trial, source, where=f"sweep ({point.point_id}): method.space")
+        check_batches(trial, source)
 
 
 def cost_estimate(recipe: Recipe, points) -> dict:

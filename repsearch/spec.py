@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
@@ -39,6 +40,13 @@ SCORING_METRICS = ("random", "grad_norm", "snip", "grasp", "synflow", "vote")
 METHOD_NAMES = ("origin", "static", "dyrep")
 SAMPLERS = ("grid", "tpe", "random", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "hyperband")
+#: metrics a sweep may optimise: the final-epoch measures (DESIGN.md measures contract) and the
+#: end-of-trial figures; test/ metrics are reported, never optimised
+OBJECTIVE_METRICS = (
+    "val/top1", "val/loss", "train/top1", "train/loss", "avg_flops_m", "avg_params_m", "flops_m", "params_m",
+    "n_branches", "cost_gpu_hours", "epoch_time_s", "train_images_per_s", "mem_peak_mb",
+    "deploy/val_top1", "deploy/flops_m", "deploy/params_m", "n_rep", "n_dep", "n_branches_cut",
+)
 
 
 class RecipeError(UserError):
@@ -169,6 +177,8 @@ class TrainSpec(_Spec):
     def _check(self) -> "TrainSpec":
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g}): the cosine schedule decays from lr to min_lr")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
         return self
@@ -230,9 +240,11 @@ class Objective(_Spec):
 
     @field_validator("metric")
     @classmethod
-    def _no_test(cls, v: str) -> str:
+    def _known_metric(cls, v: str) -> str:
         if v.startswith("test/"):
             raise ValueError(f"'{v}': test accuracy is reported, never optimised; use a val/ metric")
+        if v not in OBJECTIVE_METRICS:
+            raise ValueError(f"'{v}' is not one of {', '.join(OBJECTIVE_METRICS)}")
         return v
 
 
@@ -340,10 +352,17 @@ def apply_overrides(d: dict, overrides: dict[str, Any]) -> dict:
     """
     out = copy.deepcopy(d)
     new_name = overrides.get("method.name")
-    if new_name is not None and new_name != (out.get("method") or {}).get("name", "origin"):
+    switched = new_name is not None and new_name != (out.get("method") or {}).get("name", "origin")
+    if switched:
         out["method"] = {"name": new_name}
     for key, value in overrides.items():
         set_dotted(out, key, copy.deepcopy(value))
+    target = METHOD_SPECS.get(new_name) if switched else None
+    if target is not None and isinstance(out.get("method"), dict):
+        # a grid over method.name x method.scoring gives e.g. origin + scoring: the other methods'
+        # fields are dropped for the target method; unknown keys (typos) are still rejected
+        foreign = {f for spec in METHOD_SPECS.values() for f in spec.model_fields} - set(target.model_fields)
+        out["method"] = {k: v for k, v in out["method"].items() if k not in foreign}
     return out
 
 
@@ -578,6 +597,16 @@ def _validate_sweep(recipe: Recipe, d: dict, source: str) -> None:
         values = dist.choices if isinstance(dist, Choices) else [dist.low, dist.high]
         for value in values:
             _validate_point(base, {key: value}, source, f"sweep.params.{key}")
+    if sweep.sampler == "grid" and sweep.params:
+        keys = list(sweep.params)
+        n_points = 1
+        for k in keys:
+            n_points *= len(sweep.params[k].choices)
+        if n_points > 100_000:
+            raise RecipeError(f"{source}: sweep.params: the grid has {n_points:,} points; at most 100,000")
+        for values in itertools.product(*(sweep.params[k].choices for k in keys)):
+            point = dict(zip(keys, values))
+            _validate_point(base, point, source, "sweep.params (point " + ", ".join(f"{k}={v}" for k, v in point.items()) + ")")
     for i, baseline in enumerate(sweep.baselines):
         for key in baseline:
             if not all(str(key).split(".")):
@@ -620,7 +649,10 @@ def trial_recipe(recipe: Recipe, overrides: dict[str, Any], seed: int) -> Recipe
     base = recipe.model_dump(mode="json", exclude={"sweep", "profiles"})
     d = apply_overrides(base, dict(overrides))
     d["seed"] = seed
-    return Recipe.model_validate(d)
+    try:
+        return Recipe.model_validate(d)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, f"sweep point {overrides}")) from None
 
 
 _HASH_EXCLUDE = ("sweep.n_trials", "sweep.seeds", "sweep.workers", "tracking", "data.root", "profiles", "description")

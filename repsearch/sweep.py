@@ -801,8 +801,7 @@ def _workers(recipe: Recipe, workers: Optional[int]) -> int:
     n = workers if workers is not None else (recipe.sweep.workers if recipe.sweep is not None else 1)
     if n > 1:
         raise SweepError(
-            f"sweep.workers: {n} parallel workers are not implemented yet; use workers: 1 (or start "
-            "`repsearch worker` processes on the same study yourself)"
+            f"sweep.workers: {n} parallel workers are not implemented yet; use workers: 1"
         )
     return n
 

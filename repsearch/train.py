@@ -37,10 +37,10 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    # set both ways: trials run one after another in one process
+    torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    torch.backends.cudnn.benchmark = False
 
 
 def autocast_for(device: torch.device, amp: bool):
@@ -137,9 +137,12 @@ class Trainer:
         self.params_m = count_params(self.model) / 1e6
         self.n_branches = count_branches(self.model)
 
-    def _train_epoch(self, epoch: int) -> tuple[float, float, int]:
+    def _train_epoch(self, epoch: int) -> tuple[float, float, int, float]:
         model, opt, sched, method = self.model, self.optimizer, self.scheduler, self.method
         model.train()
+        # bf16 autocast unless the method needs fp32 gradients this epoch (DyRep's signed synflow)
+        amp = bool(self.spec.amp) and not method.fp32_gradients(epoch)
+        lr = opt.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         n = 0
@@ -147,13 +150,14 @@ class Trainer:
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)  # shuffle/augmentation draws keyed by (seed, epoch)
         for i, (images, labels) in enumerate(self.train_loader):
-            with autocast_for(self.device, self.spec.amp):
+            with autocast_for(self.device, amp):
                 logits = model(images)
                 loss = method.loss(logits.float(), labels, images)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             method.after_backward(model, step0 + i)
             opt.step()
+            lr = opt.param_groups[0]["lr"]  # the LR this step used (a python float: no sync)
             sched.step()
             loss_sum += loss.detach() * labels.shape[0]
             correct += (logits.detach().argmax(1) == labels).sum()
@@ -163,7 +167,7 @@ class Trainer:
         if n == 0:
             raise RuntimeError("the training loader yielded no batch (train_subset smaller than batch_size?)")
         total_loss, total_correct = torch.stack([loss_sum.double(), correct.double()]).tolist()
-        return total_loss / n, 100.0 * total_correct / n, n
+        return total_loss / n, 100.0 * total_correct / n, n, lr
 
     def fit(self) -> list[dict[str, float]]:
         """Run every epoch; returns the per-epoch measures (also passed to ``on_epoch``)."""
@@ -171,13 +175,12 @@ class Trainer:
         for epoch in range(1, spec.epochs + 1):
             reset_peak_memory(self.device)
             t0 = time.perf_counter()
-            train_loss, train_top1, n = self._train_epoch(epoch)
+            train_loss, train_top1, n, lr = self._train_epoch(epoch)
             if self.cuda:
                 torch.cuda.synchronize(self.device)
             train_s = time.perf_counter() - t0
             if not math.isfinite(train_loss):
                 raise NonFiniteLoss(f"training loss is {train_loss} at epoch {epoch} (lr {self.optimizer.param_groups[0]['lr']:.3g})")
-            lr = self.optimizer.param_groups[0]["lr"]
             flops_m, params_m, n_branches = self.flops_m, self.params_m, self.n_branches
             self.avg_flops.update(flops_m)
             self.avg_params.update(params_m)

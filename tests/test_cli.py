@@ -49,6 +49,8 @@ def one_line_error(result, *needles):
         ({"method": {"name": "dyrep", "interval": 0}}, ["method.interval", "greater than 0"]),
         ({"method": {"name": "dyrep", "space": ["kxk"]}}, ["method.space", "no branch beyond kxk"]),
         ({"sweep": {"params": {"train.lr": {"low": 0.01, "high": 0.1}}}}, ["sweep.params.train.lr", "grid", "choices"]),
+        ({"data": {"train_subset": 16}, "train": {"batch_size": 32}}, ["data.train_subset", "fewer than one batch"]),
+        ({"sweep": {"objective": {"metric": "val/top"}}}, ["sweep.objective.metric", "val/top1"]),
         ({"sweep": {"objective": [{"metric": "val/top1"}, {"metric": "avg_flops_m", "direction": "minimize"}],
                     "pruner": "hyperband"}}, ["sweep.pruner", "single objective"]),
     ],

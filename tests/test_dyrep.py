@@ -187,3 +187,26 @@ def test_dyrep_in_the_trainer_grows_cuts_and_deploys(tiny_data):
     x, _ = next(iter(tiny_data.val))
     with torch.no_grad():
         assert_close(origin(x), model(x))
+
+
+def test_candidates_leave_out_convs_the_space_cannot_grow():
+    """With {kxk, identity}, only convs with C_in = C_out and stride 1 can gain a branch."""
+    model = tiny_vgg()
+    method = DyRep(DyRepSpec(space=["kxk", "identity"]))
+    ops = method._ops(model)
+    assert ops and all(c.in_channels == c.out_channels and c.stride == (1, 1) for c in ops.values())
+    assert "features.0" not in ops  # 3 -> 4 channels
+
+
+def test_scoring_stops_after_the_last_adjustment_and_synflow_wants_fp32():
+    m = DyRep(DyRepSpec(interval=3, grow_until=10, scoring="synflow"))
+    assert m.last_adjustment == 9
+    assert m.fp32_gradients(9) and not m.fp32_gradients(10)
+    assert not DyRep(DyRepSpec(scoring="snip")).fp32_gradients(1)
+    model = m.prepare(tiny_vgg(), [])
+    assert m.accumulator is not None
+    data = batches(n=2)
+    assert m.on_epoch_end(model, 9, data)
+    assert m.accumulator is None
+    m.after_backward(model, 0)  # no scoring any more: a no-op
+    assert not m.on_epoch_end(model, 12, data)

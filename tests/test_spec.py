@@ -135,3 +135,23 @@ def test_shipped_recipes_validate():
         for profile in [None, "smoke"]:
             r, _ = load_recipe(path, profile)
             assert r.sweep is not None
+
+
+def test_min_lr_above_lr_and_unknown_objective_are_rejected():
+    msg = err({"train": {"lr": 0.01, "min_lr": 0.1}})
+    assert msg.startswith("recipes/x.yaml: train: min_lr (0.1) must not exceed lr (0.01)")
+    msg = err({"sweep": {"objective": {"metric": "val/top"}}})
+    assert "sweep.objective.metric" in msg and "'val/top' is not one of val/top1" in msg
+
+
+def test_grid_across_methods_drops_the_other_methods_fields():
+    r = validate_dict({"method": {"name": "dyrep"},
+                       "sweep": {"params": {"method.name": {"choices": ["origin", "dyrep"]},
+                                            "method.scoring": {"choices": ["snip", "synflow"]}}}}, "x")
+    t = trial_recipe(r, {"method.name": "origin", "method.scoring": "snip"}, seed=0)
+    assert t.method.name == "origin"
+    t = trial_recipe(r, {"method.name": "static", "method.space": "acb", "method.scoring": "snip"}, seed=0)
+    assert t.method.name == "static" and t.method.space == "acb"
+    # a typo is still an error, not dropped
+    msg = err({"sweep": {"baselines": [{"method.name": "static", "method.spcae": "acb"}]}})
+    assert "sweep.baselines[0]" in msg and "spcae" in msg

@@ -64,3 +64,10 @@ def test_seed_makes_training_reproducible(tiny_data):
                        torch.device("cpu")).fit()[0]["train/loss"]
 
     assert run() == run()
+
+
+def test_deterministic_flag_is_set_both_ways():
+    seed_everything(0, deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    seed_everything(0, deterministic=False)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -66,6 +66,11 @@ class Method:
         """Cross-entropy with label smoothing. Shapes: logits (B, classes), target (B,) int64; returns a 0-dim tensor."""
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
+    def fp32_gradients(self, epoch: int) -> bool:
+        """True when the training step of ``epoch`` (from 1) must run without bf16 autocast because
+        the method reads gradients whose signal is below bf16 precision (default False)."""
+        return False
+
     def after_backward(self, model: nn.Module, step: int) -> None:
         """Called after ``loss.backward()`` and before ``optimizer.step()`` (step counts from 0)."""
 

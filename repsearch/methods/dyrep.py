@@ -34,7 +34,7 @@ from torch import nn
 
 from repsearch import scoring
 from repsearch.methods.base import Method
-from repsearch.rep import candidate_convs, collapse, conv_kernel, expand, repblocks
+from repsearch.rep import candidate_convs, collapse, conv_kernel, eligible_branches, expand, repblocks
 from repsearch.spaces import resolve_space
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,10 @@ class DyRep(Method):
 
     # -------------------------------------------------------------------------------------
     def _ops(self, model: nn.Module) -> dict[str, nn.Conv2d]:
-        return candidate_convs(model, max_depth=self.spec.max_depth)
+        """Rep's candidates: square K > 1 convs nested in fewer than ``max_depth`` blocks that the
+        space gives at least one branch beyond kxk (growing any other would add nothing)."""
+        ops = candidate_convs(model, max_depth=self.spec.max_depth)
+        return {p: c for p, c in ops.items() if eligible_branches(c, self.kinds)[0]}
 
     def _reset_scores(self, model: nn.Module) -> None:
         device = next(model.parameters()).device
@@ -110,6 +113,19 @@ class DyRep(Method):
         if self.accumulator is not None and self.accumulator.metrics:
             self.accumulator.step()
 
+    @property
+    def last_adjustment(self) -> int:
+        """The last epoch (from 1) whose end runs an adjustment: the largest multiple of
+        ``interval`` not above ``grow_until``."""
+        return (self.spec.grow_until // self.spec.interval) * self.spec.interval
+
+    def fp32_gradients(self, epoch: int) -> bool:
+        """synflow (and vote, which uses it) read Σ g⊙θ, which for a conv followed by BN is ~1e-7
+        of snip's magnitude (BN makes the loss invariant to the conv's scale, so the exact value is
+        0 up to BN's eps): bf16 gradients would decide the ranking. So these epochs train without
+        autocast while scores are still collected (until the last adjustment)."""
+        return self.spec.scoring in ("synflow", "vote") and epoch <= self.last_adjustment
+
     def adjusts_at(self, epoch: int) -> bool:
         """True when an adjustment (Rep then Dep) runs at the end of ``epoch`` (from 1): DESIGN.md."""
         return epoch % self.spec.interval == 0 and epoch <= self.spec.grow_until
@@ -119,7 +135,10 @@ class DyRep(Method):
             return False
         grown = self.rep(model, epoch, loader)
         self.dep(model, epoch, exempt={grown} if grown else set())
-        self._reset_scores(model)
+        if epoch >= self.last_adjustment:
+            self.accumulator = None  # no adjustment left: stop scoring (DESIGN.md: none after grow_until)
+        else:
+            self._reset_scores(model)
         return True
 
     # -- Rep ------------------------------------------------------------------------------
