@@ -56,7 +56,7 @@ CIFAR_STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 _TORCHVISION_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 _DISPLAY = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "folder": "folder dataset"}
 _CACHE_VERSION = 1
 _ENV_DATA = "REPSEARCH_DATA"
@@ -323,8 +323,8 @@ def _read_imagefolder(dataset: str, path: Path, size: int) -> DecodedData:
             f"and {path / splits[1]} ({len(classes_per_split[1])} classes)"
         )
     classes = classes_per_split[0]
-    if dataset in _NUM_CLASSES and len(classes) != _NUM_CLASSES[dataset]:
-        raise DataError(f"{path / 'train'} has {len(classes)} class folders; {_DISPLAY[dataset]} has {_NUM_CLASSES[dataset]}")
+    if dataset in NUM_CLASSES and len(classes) != NUM_CLASSES[dataset]:
+        raise DataError(f"{path / 'train'} has {len(classes)} class folders; {_DISPLAY[dataset]} has {NUM_CLASSES[dataset]}")
 
     digest = hashlib.sha256(f"repsearch-decode v{_CACHE_VERSION} {dataset} {size}\n".encode())
     for split, samples in zip(splits, listing):
@@ -432,13 +432,13 @@ def load_arrays(
     Source: DESIGN.md "Data — contract".
     """
     root = Path(root)
-    if dataset in _NUM_CLASSES and image_size not in (None, 32):
+    if dataset in NUM_CLASSES and image_size not in (None, 32):
         raise DataError(f"image_size {image_size} is not supported for {_DISPLAY[dataset]} (its images are 32x32)")
     size = 32 if image_size is None else int(image_size)
     if size < 1:
         raise DataError(f"image_size must be a positive number of pixels, got {image_size}")
     if download:
-        if dataset not in _NUM_CLASSES:
+        if dataset not in NUM_CLASSES:
             raise DataError("data.download applies to cifar10/cifar100 only")
         if fmt == "imagefolder":
             raise DataError("data.download fetches the torchvision layout; use data.format auto or torchvision")

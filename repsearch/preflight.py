@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
+from repsearch.data import NUM_CLASSES
 from repsearch.spec import Recipe, RecipeError, trial_recipe
 
 #: training-set sizes before the validation split (images)
 TRAIN_SIZES = {"cifar10": 50000, "cifar100": 50000}
 TEST_SIZES = {"cifar10": 10000, "cifar100": 10000}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
 def _space_of(method) -> object | None:
@@ -103,7 +103,9 @@ def cost_estimate(recipe: Recipe, points) -> dict:
         n_train = d.train_subset or 0
     else:
         n_train = min(d.train_subset or total, total - d.val_size)
-    n_test = min(d.test_subset or TEST_SIZES.get(d.dataset, 0), TEST_SIZES.get(d.dataset, 0) or (d.test_subset or 0))
+    n_test = TEST_SIZES.get(d.dataset, d.test_subset or 0)
+    if d.test_subset:
+        n_test = min(n_test, d.test_subset)
     per_trial = n_train * recipe.train.epochs
     eval_per_trial = d.val_size * (recipe.train.epochs + 2) + n_test
     return {

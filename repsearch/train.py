@@ -12,7 +12,6 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -75,13 +74,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool
     return loss / n, 100.0 * corr / n
 
 
-@dataclass
-class EpochMeasures:
-    """Per-epoch measures of DESIGN.md (units: seconds, images/s, MiB, millions of MACs/params, device-hours)."""
-
-    values: dict[str, float] = field(default_factory=dict)
-
-
 class Trainer:
     """Train ``model`` with ``method``'s hooks for ``train_spec.epochs`` epochs.
 
@@ -126,11 +118,12 @@ class Trainer:
         self.avg_flops = RunningAverage()
         self.avg_params = RunningAverage()
         self.device_seconds = 0.0
-        self._measure_structure()
+        self._structure_changed()
 
     # ---------------------------------------------------------------------------------------
-    def _measure_structure(self) -> None:
-        """MACs/params/branches of the current training-time structure (re-run after a change only)."""
+    def _structure_changed(self) -> None:
+        """After construction or a structure change only: put new modules in channels_last (CUDA) and
+        measure MACs/params/branches of the current training-time structure."""
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.flops_m = count_macs(self.model) / 1e6
@@ -188,7 +181,7 @@ class Trainer:
             if changed:
                 counts = optim.sync_param_groups(self.optimizer, self.model, spec.wd_on_norm)
                 log.debug("epoch %d: structure changed, optimizer groups updated %s", epoch, counts)
-                self._measure_structure()
+                self._structure_changed()
             val_loss, val_top1 = evaluate(self.model, self.val_loader, self.device, spec.amp)
             epoch_s = time.perf_counter() - t0
             self.device_seconds += epoch_s

@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 #: DESIGN.md conventions: max|y_fused - y_ref| <= TOLERANCE * max(1, max|y_ref|).
 TOLERANCE = 1e-5
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
-
-
 class DeployMismatch(RuntimeError):
     """The deployed model's outputs differ from the training-time model's beyond the tolerance."""
 
