@@ -25,9 +25,10 @@ from repsearch.data import build_data, resolve_data_root
 from repsearch.methods.base import Method
 from repsearch.methods.static import Static
 from repsearch.models import build_model
-from repsearch.rep import candidate_convs, count_branches, expand
+from repsearch.rep import candidate_convs, count_branches, expand, kaiming_fan_out
 from repsearch.spaces import resolve_space
-from repsearch.spec import StaticSpec, TrainSpec
+from repsearch.methods.static import StaticSpec
+from repsearch.spec import TrainSpec
 from repsearch.train import Trainer, autocast_for
 
 
@@ -36,10 +37,10 @@ def grown_dyrep(model: torch.nn.Module) -> torch.nn.Module:
     kinds = resolve_space("dyrep")
     paths = list(candidate_convs(model, max_depth=1))
     for path in paths[1:: max(1, len(paths) // 4)][:4]:
-        expand(model, path, kinds, gamma_init=0.01)
+        expand(model, path, kinds, gamma_init=0.01, conv_init=kaiming_fan_out)
     nested = [p for p in candidate_convs(model, max_depth=2) if ".branches.kxk." in p]
     if nested:
-        expand(model, nested[0], kinds, gamma_init=0.01)
+        expand(model, nested[0], kinds, gamma_init=0.01, conv_init=kaiming_fan_out)
     return model
 
 

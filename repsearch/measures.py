@@ -7,16 +7,126 @@
 - Parameters: every parameter of the training-time model, BN gamma/beta included.
 - Epoch-weighted averages of both (the papers' "Avg. FLOPs/Params", DyRep Table 2).
 - Peak memory: device memory on CUDA, process peak RSS on CPU, in MiB.
+
+Every measure a run can record is registered once in :data:`MEASURES` (name, unit, when it is
+recorded, whether a sweep may optimise it): the recipe's ``sweep.objective`` and the reports read
+the registry, and the Trainer refuses a method's measure that is not registered. A method registers
+its own measures where it is defined (:func:`register_measure`), so adding one touches one place.
 """
 
 from __future__ import annotations
 
 import resource
 import sys
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One registered measure.
+
+    Attributes:
+        name: the metric name as logged to MLflow (e.g. ``val/top1``).
+        unit: its unit in words (``%``, ``M MACs``, ``epochs``, ``count``...).
+        description: one line: what it is and where it comes from.
+        when: ``epoch`` (logged every epoch, step = epoch, and also a final value) or ``final``
+            (logged once at the end of a trial).
+        objective: whether ``sweep.objective`` may name it (test accuracy never: it is reported,
+            not optimised).
+    """
+
+    name: str
+    unit: str
+    description: str
+    when: Literal["epoch", "final"] = "epoch"
+    objective: bool = True
+
+
+#: Every measure a run may record, by name (the only module state: a registry).
+MEASURES: dict[str, Measure] = {}
+
+
+def register_measure(
+    name: str, unit: str, description: str, when: Literal["epoch", "final"] = "epoch", objective: bool = True,
+    *, replace: bool = False,
+) -> Measure:
+    """Register a measure so that objectives, reports and the Trainer accept it.
+
+    Raises:
+        ValueError: ``name`` is already registered with other attributes (and not ``replace``), or
+            ``when`` is neither ``epoch`` nor ``final``.
+    """
+    if when not in ("epoch", "final"):
+        raise ValueError(f"measure {name!r}: when must be 'epoch' or 'final', got {when!r}")
+    m = Measure(name, unit, description, when, objective and not name.startswith("test/"))
+    old = MEASURES.get(name)
+    if old is not None and old != m and not replace:
+        raise ValueError(f"measure {name!r} is already registered as {old}")
+    MEASURES[name] = m
+    return m
+
+
+def unregister_measure(name: str) -> None:
+    """Remove a registered measure (tests that register a temporary one); unknown names are ignored."""
+    MEASURES.pop(name, None)
+
+
+def objective_metrics() -> tuple[str, ...]:
+    """Names a sweep may optimise (registered with ``objective=True``), in registration order."""
+    return tuple(n for n, m in MEASURES.items() if m.objective)
+
+
+def check_measures(values: dict, when: str, source: str) -> None:
+    """Check that every key of ``values`` is a registered measure (``when``: ``epoch``/``final``).
+
+    Raises:
+        KeyError: an unregistered name (a bug in ``source``, not a user mistake); the message names
+            the source and points to :func:`register_measure`.
+    """
+    unknown = [k for k in values if k not in MEASURES]
+    if unknown:
+        raise KeyError(
+            f"{source}: {when} measure(s) {', '.join(map(repr, unknown))} not registered; "
+            "call repsearch.measures.register_measure first"
+        )
+
+
+# DESIGN.md "Measures every run records — contract": per epoch (step = epoch)
+for _name, _unit, _desc, _obj in (
+    ("val/top1", "%", "validation top-1 (eval mode; selection and pruning use it)", True),
+    ("val/loss", "nats", "validation cross-entropy (eval mode)", True),
+    ("train/top1", "%", "training top-1 over the epoch (augmented images, train mode)", True),
+    ("train/loss", "nats", "mean training cross-entropy over the epoch's steps", True),
+    ("avg_flops_m", "M MACs", "epoch-weighted mean of flops_m so far (the papers' Avg. FLOPs)", True),
+    ("avg_params_m", "M", "epoch-weighted mean of params_m so far (the papers' Avg. Params)", True),
+    ("flops_m", "M MACs", "multiply-accumulates of one forward pass on one image, training-time model", True),
+    ("params_m", "M", "parameters of the training-time model, BN included", True),
+    ("n_branches", "count", "branches of every RepBlock plus plain convs of the training-time model", True),
+    ("cost_gpu_hours", "device-hours", "cumulative device time of the trial (the device tag says which)", True),
+    ("epoch_time_s", "s", "wall time of the epoch: training, validation and the method's hooks", True),
+    ("train_images_per_s", "images/s", "training throughput of the epoch's steps", True),
+    ("mem_peak_mb", "MiB", "device memory peak (CUDA) or process peak RSS (CPU)", True),
+    ("lr", "1", "learning rate used by the epoch's last step (first param group)", False),
+):
+    register_measure(_name, _unit, _desc, "epoch", _obj)
+# at the end of a trial
+for _name, _unit, _desc, _obj in (
+    ("test/top1", "%", "test top-1 of the deployed model (reported, never optimised)", False),
+    ("deploy/val_top1", "%", "validation top-1 of the deployed (fused, plain) model", True),
+    ("deploy/max_abs_err", "logit", "max |deployed - training-time| eval output on the validation split", False),
+    ("deploy/rel_err", "1", "deploy/max_abs_err / max(1, max|training-time output|)", False),
+    ("deploy/flops_m", "M MACs", "MACs of the deployed model on one image", True),
+    ("deploy/params_m", "M", "parameters of the deployed model", True),
+    ("train_model/val_top1", "%", "validation top-1 of the training-time model in the deploy check", False),
+    ("trial_time_s", "s", "wall time of the trial from the first epoch to the deploy check", False),
+    ("fp32_epochs", "epochs", "epochs trained without autocast (fp32 compute; all of them on CPU)", False),
+):
+    register_measure(_name, _unit, _desc, "final", _obj)
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

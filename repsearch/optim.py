@@ -1,5 +1,6 @@
-"""Optimizer and LR schedule shared by the methods: SGD with weight-decay groups, cosine with linear
-warm-up, and the in-place param-group update after a structure change (DESIGN.md method interface).
+"""Optimizer and LR schedule shared by the methods: SGD or AdamW with weight-decay groups, cosine with
+linear warm-up, and the in-place param-group update after a structure change (DESIGN.md method
+interface).
 """
 
 from __future__ import annotations
@@ -47,12 +48,63 @@ def build_sgd(model: nn.Module, train_spec) -> torch.optim.SGD:
     )
 
 
+def build_adamw(model: nn.Module, train_spec) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019: decoupled weight decay) with ``betas``/``eps`` from the recipe
+    and the same ``decay``/``no_decay`` groups as :func:`build_sgd`."""
+    decay, no_decay = split_decay(model, train_spec.wd_on_norm)
+    groups = [
+        {"params": decay, "weight_decay": train_spec.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return torch.optim.AdamW(groups, lr=train_spec.lr, betas=tuple(train_spec.betas), eps=train_spec.eps)
+
+
+#: ``train.optimizer`` -> builder ``(model, train_spec) -> Optimizer``.
+OPTIMIZERS = {"sgd": build_sgd, "adamw": build_adamw}
+
+
+def build_optimizer(model: nn.Module, train_spec) -> torch.optim.Optimizer:
+    """The optimizer named by ``train_spec.optimizer`` (default ``sgd``).
+
+    Raises:
+        ValueError: an unknown optimizer name (the recipe validation normally rejects it first).
+    """
+    name = getattr(train_spec, "optimizer", "sgd")
+    try:
+        return OPTIMIZERS[name](model, train_spec)
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; one of {', '.join(OPTIMIZERS)}") from None
+
+
+def reset_state(optimizer: torch.optim.Optimizer, policy: str, changed=()) -> int:
+    """Forget optimizer state (momentum, Adam moments and step counts): ``none``, ``changed`` (the
+    state of the parameters in ``changed``) or ``all``. Returns the number of parameters reset.
+
+    Raises:
+        ValueError: an unknown policy.
+    """
+    if policy == "none":
+        return 0
+    if policy == "all":
+        n = len(optimizer.state)
+        optimizer.state.clear()
+        return n
+    if policy == "changed":
+        n = 0
+        for p in changed:
+            if p in optimizer.state:
+                del optimizer.state[p]
+                n += 1
+        return n
+    raise ValueError(f"unknown optimizer reset policy {policy!r}; one of none, changed, all")
+
+
 def sync_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module, wd_on_norm: bool) -> dict:
     """Update ``optimizer``'s param groups in place after a structure change (DESIGN.md; as DyRep's
     official code): groups keep their lr/weight decay/momentum settings, surviving parameters keep
     their state (momentum buffers), removed parameters lose it, new parameters start with no state.
 
-    Expects the two groups made by :func:`build_sgd` (``decay``, ``no_decay``).
+    Expects the two groups made by :func:`build_sgd` / :func:`build_adamw` (``decay``, ``no_decay``).
 
     Returns:
         ``{"added": n, "removed": n}`` parameter counts (tensors, not elements).

@@ -2,7 +2,10 @@
 
 The rows come from the Optuna study alone: every COMPLETE trial stores its final measures
 (``TrialResult.final``) in the user attribute ``final``, its configuration in ``point`` and its seed
-in ``seed`` (repsearch.sweep), so no MLflow query is needed. Accuracies are in percent, FLOPs are
+in ``seed`` and its non-numeric facts in ``tags`` (repsearch.sweep), so no MLflow query is needed.
+A COMPLETE trial tagged ``not_learning`` (its training collapsed; the value says why) is counted in
+its row and marked in the ``n`` column; :func:`not_learning_warnings` gives one line per such trial
+for the caller to print below the table. Accuracies are in percent, FLOPs are
 multiply-accumulates of one forward pass on one image in millions (DESIGN.md measures contract),
 parameters in millions, cost in device-hours (summed over the configuration's trials).
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 from rich.table import Table
+from rich.text import Text
 
 #: (column title, final-measure key, kind) of the comparison table; kind "stat" = mean ± std.
 COLUMNS = (
@@ -63,6 +67,8 @@ class ReportRow:
         stats: final-measure key -> :class:`Stat` over the COMPLETE trials (``val/top1``,
             ``test/top1``, ``avg_flops_m``, ``avg_params_m``, the objectives, ...).
         cost_gpu_hours: device-hours summed over the COMPLETE trials (None if not recorded).
+        not_learning: (seed, reason) of the COMPLETE trials tagged ``not_learning`` (user attribute
+            ``tags``), e.g. ``(0, "train/loss within 1% of ln(10) for epochs 2-4")``.
     """
 
     configuration: str
@@ -72,6 +78,7 @@ class ReportRow:
     seeds: list[int] = field(default_factory=list)
     stats: dict[str, Stat] = field(default_factory=dict)
     cost_gpu_hours: Optional[float] = None
+    not_learning: list[tuple[Any, str]] = field(default_factory=list)
 
     def stat(self, key: str) -> Stat:
         """The :class:`Stat` of a final measure (empty if it was never recorded)."""
@@ -141,6 +148,12 @@ def rows_from_trials(
         finals = [dict(t.user_attrs.get("final") or {}) for t in complete]
         stats = {k: mean_std(f.get(k) for f in finals) for k in wanted_keys}
         costs = [f["cost_gpu_hours"] for f in finals if f.get("cost_gpu_hours") is not None]
+        not_learning = []
+        for t in complete:
+            tags = t.user_attrs.get("tags") or {}
+            if isinstance(tags, dict) and "not_learning" in tags:
+                not_learning.append((t.user_attrs.get("seed"), str(tags["not_learning"])))
+        not_learning.sort(key=lambda p: (p[0] is None, p[0] if isinstance(p[0], (int, float)) else str(p[0])))
         rows.append(
             ReportRow(
                 configuration=name,
@@ -150,9 +163,20 @@ def rows_from_trials(
                 seeds=sorted(t.user_attrs.get("seed") for t in complete if t.user_attrs.get("seed") is not None),
                 stats=stats,
                 cost_gpu_hours=sum(costs) if costs else None,
+                not_learning=not_learning,
             )
         )
     return rows
+
+
+def not_learning_warnings(rows: Sequence[ReportRow]) -> list[str]:
+    """One line per COMPLETE trial whose training collapsed, for printing below the table:
+    ``warning: method.scoring=snip seed 0: not learning (train/loss within 1% of ln(10) for epochs 2-4)``."""
+    return [
+        f"warning: {r.configuration} seed {seed}: not learning ({reason})"
+        for r in rows
+        for seed, reason in r.not_learning
+    ]
 
 
 def format_stat(s: Stat, digits: int = 2) -> str:
@@ -175,7 +199,8 @@ def comparison_table(
     (M MACs), avg params (M), cost (device-hours, summed), n (complete seeds; pruned/failed noted).
 
     The configuration with the best mean ``best_key`` (validation only: selection never looks at
-    test accuracy) is shown in bold.
+    test accuracy) is shown in bold. A row with trials tagged ``not_learning`` says so in yellow in
+    the ``n`` column (``2 (1 not learning)``); print :func:`not_learning_warnings` below the table.
     """
     table = Table(title=title)
     width = max([len("configuration")] + [len(r.configuration) for r in rows])
@@ -186,7 +211,7 @@ def comparison_table(
     means = [(r.stat(best_key).mean, i) for i, r in enumerate(rows) if r.stat(best_key).mean is not None]
     best = (max(means) if maximize else min(means))[1] if means else None
     for i, r in enumerate(rows):
-        cells = [r.configuration]
+        cells: list[Any] = [Text(r.configuration)]  # not markup: ids hold brackets (method.space=[kxk, 1x1])
         for _, key, kind in COLUMNS:
             if kind == "stat":
                 cells.append(format_stat(r.stat(key)))
@@ -196,9 +221,10 @@ def comparison_table(
                 cells.append(_fmt(r.stat(key).mean, ".1f" if "flops" in key else ".2f"))
         n = str(r.n)
         extra = [f"{r.n_pruned} pruned"] * bool(r.n_pruned) + [f"{r.n_failed} failed"] * bool(r.n_failed)
+        extra += [f"{len(r.not_learning)} not learning"] * bool(r.not_learning)
         if extra:
             n += f" ({', '.join(extra)})"
-        cells.append(n)
+        cells.append(Text(n, style="yellow") if r.not_learning else n)
         table.add_row(*cells, style="bold" if i == best else None)
     return table
 
@@ -229,7 +255,7 @@ def pareto_table(front: Sequence[ParetoEntry], title: str = "Pareto front") -> T
         table.add_column(m, justify="right")
     for e in front:
         table.add_row(
-            str(e.number), e.configuration, "—" if e.seed is None else str(e.seed),
+            str(e.number), Text(e.configuration), "—" if e.seed is None else str(e.seed),
             *[_fmt(e.values.get(m), ".4g") for m in metrics],
         )
     return table

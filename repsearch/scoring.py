@@ -2,9 +2,11 @@
 
 An *operation* ``o`` is one ``nn.Conv2d`` with kernel ``θ`` of shape ``(C_out, C_in/groups, K, K)``;
 ``g = ∂L/∂θ`` (same shape) is the gradient of the training loss on one batch. Every metric maps an
-op to one real number ``S_o``; the op with the largest score is re-parameterized ("argmax of the
-scores" is the selection rule for every metric; ties go to the op that comes first in the ops'
-order). Metrics (DyRep main paper Eq. 3-4, supplementary A.3 Eq. 11-15):
+op to one real number ``S_o`` (units: random none; grad_norm loss per unit of ``θ``; snip and
+synflow loss units (first-order changes of ``L``); grasp (loss per unit of ``θ``)², like
+``‖g‖²``); the op with the largest score is re-parameterized ("argmax of the scores" is the
+selection rule for every metric; ties go to the op that comes first in the ops' order).
+Metrics (DyRep main paper Eq. 3-4, supplementary A.3 Eq. 11-15):
 
 ==========  ===========================================  ==========================================
 name        S_o                                          source
@@ -14,27 +16,66 @@ grad_norm   ``‖g‖₂``                                     DyRep supp. Eq. 1
 snip        ``Σ_i |g_i θ_i|``                            DyRep supp. Eq. 13; Lee et al. 2019 (SNIP)
 grasp       ``Σ_i −(H g)_i θ_i``                         DyRep supp. Eq. 14; Wang et al. 2020 (GraSP)
 synflow     ``Σ_i g_i θ_i`` (signed)                     DyRep main Eq. 3-4 = supp. Eq. 15
-vote        most votes of grad_norm/snip/grasp/synflow   DyRep supp. A.3 (rule: repsearch, below)
+vote        most votes of the voters (default            DyRep supp. A.3 (rule: repsearch, below)
+            grad_norm, snip, synflow); ties: synflow
 ==========  ===========================================  ==========================================
 
 ``synflow`` here is DyRep's signed first-order saliency on the training batch's gradients (as in
 the official code), NOT Tanaka et al.'s data-free SynFlow (|θ| network, all-ones input).
 
-Numerical note on synflow. For a conv followed by BN in train mode the loss is invariant to the
-scale of the conv's kernel, ``L(αθ) = L(θ)``, so ``Σ g ⊙ θ = dL/dα|_{α=1}`` vanishes except for
-the BN ``eps`` term: it is ~1e-7 of snip's ``Σ|g ⊙ θ|`` on a conv-BN-ReLU net, comparable to
-fp32 rounding of the gradients and far below the rounding of bf16 autocast gradients (which
-then decides the ranking). The official code computes it the same way (fp32, AMP off by
-default); repsearch reduces the sum in float64, but the gradients' own precision is the
-caller's: score synflow/vote with fp32 gradients to reproduce the paper.
+synflow on conv-BN: only BN's ε survives
+----------------------------------------
+For a conv (no bias) followed by BN in train mode, ``y = γ_c (x − μ_c)/sqrt(σ_c² + ε) + β_c`` with
+``x = conv(θ)`` and ``μ_c``, ``σ_c²`` the batch mean and biased batch variance of channel ``c``.
+Scaling ``θ`` by ``α`` scales ``x − μ`` by ``α`` and ``σ²`` by ``α²``, so
+``d y/dα|_{α=1} = (y − β_c) · ε/(σ_c² + ε)`` and, exactly,
 
+    ``Σ g ⊙ θ = dL(αθ)/dα|_{α=1} = Σ_c ε/(σ_c² + ε) · γ_c · ∂L/∂γ_c``
+
+(tested in float64). With ``ε = 1e-5`` this is about 1e-7 to 1e-5 of snip's ``Σ|g ⊙ θ|``: the
+signed sum cancels almost completely, and the score is decided by how precisely ``g`` is
+computed. Measured against float64 gradients on real CIFAR-10 batches: fp32 gradients rank the
+convs with Spearman 0.95-0.97 and agree on the per-interval argmax 4/4; TF32 (emulated) gives
+Spearman −0.46 to −0.68 and 2/4; bf16 1/4 (chance with 4 candidates). So fp32 resolves it and
+TF32/bf16/fp16 do not: repsearch trains without autocast and with TF32 off while such a metric
+is scored (``Method.fp32_gradients``, ``train.tf32``), and reduces the sum in float64 (the
+gradients' own precision is the caller's).
+
+When the score is read matters. The official code's first public release read it after
+``optimizer.step()``: then ``θ' = θ − lr·u`` (``u`` the update direction, ``u = g`` for plain SGD)
+and ``Σ g ⊙ θ' ≈ −lr·Σ g ⊙ u ≈ −lr·‖g‖²`` (the ε term is negligible): a different metric, a
+gradient norm. Later releases read it before the step, as repsearch does
+(:meth:`SaliencyAccumulator.step` runs after ``backward()``, before ``optimizer.step()``).
+
+grasp on conv-BN equals ‖g‖²
+----------------------------
+With the BN ε → 0 the loss is invariant to the scale of each such kernel, ``L(αθ_o) = L(θ_o)``,
+so ``g_o(αθ_o) = g_o/α`` and ``g_o'(αθ_o) = g_o'`` for every other op ``o'``; differentiating in
+``α`` at ``α = 1`` gives ``H_oo θ_o = −g_o`` and ``H_o'o θ_o = 0``. Hence (``H`` symmetric)
+GraSP's ``−θ_o · (H g)_o = −Σ_o' g_o' · H_o'o θ_o = ‖g_o‖²``: grasp is the squared gradient norm
+(measured: equal to ‖g‖² to 7 digits at ε → 0, to 2e-4 at ε = 1e-5; tested in float64). grasp
+and grad_norm therefore nearly always vote for the same op, and a vote containing both counts
+the gradient norm twice: grasp is not a default voter
+(:data:`DEFAULT_VOTERS`), though it may be added back (``select_op(..., voters=...)``).
+
+Vote
+----
+DyRep supp. A.3 only says "picking operations with the most votes". repsearch's rule
+(:data:`VOTE_RULE`): each voter (a metric, :data:`DEFAULT_VOTERS` unless given, validated by
+:func:`check_voters`) votes for its top-scored op (ties within a voter: the first op in order);
+the op with the most votes wins; equal votes go to the op that synflow ranks higher, EVEN when
+synflow is not a voter (so the training loop always accumulates synflow for vote:
+:func:`step_metrics_for`).
+
+Where the scores come from
+--------------------------
 The *free* metrics (grad_norm, snip, synflow) reuse the gradients of the ordinary training step:
 :class:`SaliencyAccumulator` adds their per-op values to one device tensor after every backward,
 with no host synchronisation, and averages them over the steps since the last reset (DyRep
 Algorithm 1: scores averaged over the epochs since the last adjustment). ``random`` is drawn at
 selection time from a caller-seeded generator. ``grasp`` needs a Hessian-gradient product, so it
 is computed only at adjustment time on a few training batches (:func:`grasp_scores`). ``vote``
-combines grad_norm, snip, grasp and synflow (:func:`vote_scores`).
+combines the voters' scores (:func:`vote_scores`).
 
 New metrics are added with :func:`register_metric` (selection-time scorer) and
 :func:`register_step_metric` (per-step reducer accumulated by :class:`SaliencyAccumulator`).
@@ -47,7 +88,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +98,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "METRICS",
     "FREE_METRICS",
+    "DEFAULT_VOTERS",
+    "VOTE_TIEBREAK",
+    "VOTE_RULE",
     "REGISTRY",
     "STEP_REDUCERS",
     "MetricSpec",
@@ -64,6 +108,8 @@ __all__ = [
     "StepTensors",
     "SelectionContext",
     "STEP_METRICS",
+    "step_metrics_for",
+    "check_voters",
     "available_metrics",
     "get_metric",
     "register_metric",
@@ -81,8 +127,17 @@ METRICS: tuple[str, ...] = ("random", "grad_norm", "snip", "grasp", "synflow", "
 #: Metrics that need no extra forward/backward pass: they use the training step's gradients
 #: (``random`` uses none at all).
 FREE_METRICS: tuple[str, ...] = ("random", "grad_norm", "snip", "synflow")
-#: The metrics that vote in ``vote`` (repsearch's rule, METHODS.md: DyRep gives no details).
-VOTERS: tuple[str, ...] = ("grad_norm", "snip", "grasp", "synflow")
+#: The metrics that vote in ``vote`` unless the caller names others (repsearch's choice: DyRep
+#: gives no details). Not grasp: on conv-BN networks grasp = ‖g‖² (module notes), so with
+#: grad_norm it would count the gradient norm twice.
+DEFAULT_VOTERS: tuple[str, ...] = ("grad_norm", "snip", "synflow")
+#: The metric whose ranking breaks equal vote counts, whether or not it is a voter.
+VOTE_TIEBREAK: str = "synflow"
+#: The vote rule, as written to the event log (``details["vote"]["rule"]``).
+VOTE_RULE: str = (
+    "each voter votes for its top-scored op (ties within a voter: first op in order); "
+    "most votes wins; equal votes: the op synflow ranks higher (equal synflow scores: first op in order)"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,12 +234,87 @@ def STEP_METRICS(metric: str) -> tuple[str, ...]:  # noqa: N802 (name fixed by t
     """The free metrics that must be accumulated every training step for ``metric``.
 
     ``random`` and ``grasp`` -> ``()``; ``grad_norm``/``snip``/``synflow`` -> themselves;
-    ``vote`` -> ``("grad_norm", "snip", "synflow")`` (grasp is computed at adjustment time).
+    ``vote`` (with :data:`DEFAULT_VOTERS`) -> ``("grad_norm", "snip", "synflow")``. For a vote
+    with other voters use :func:`step_metrics_for`.
 
     Raises:
         ValueError: unknown metric.
     """
     return get_metric(metric).step_metrics
+
+
+def step_metrics_for(metric: str, voters: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The per-step metrics the training loop must accumulate to score ``metric`` with ``voters``.
+
+    For ``vote``: the union of the voters' per-step metrics (in voter order) plus ``synflow``,
+    which breaks equal vote counts even when it is not a voter; e.g.
+    ``step_metrics_for("vote", ["grad_norm", "grasp"]) == ("grad_norm", "synflow")`` (grasp and
+    random are computed at selection time). For every other metric: :func:`STEP_METRICS`
+    (``voters`` is validated but not used).
+
+    Args:
+        metric: a registered metric name.
+        voters: the vote's voters (``None``: :data:`DEFAULT_VOTERS`); see :func:`check_voters`.
+
+    Returns:
+        Names of per-step reducers (:data:`STEP_REDUCERS`), without duplicates.
+
+    Raises:
+        ValueError: unknown metric, or invalid ``voters`` (:func:`check_voters`).
+    """
+    spec = get_metric(metric)
+    checked = check_voters(voters)
+    if metric != "vote":
+        return spec.step_metrics
+    return _vote_step_metrics(checked)
+
+
+def _vote_step_metrics(voters: Sequence[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for v in voters:
+        for s in get_metric(v).step_metrics:
+            if s not in out:
+                out.append(s)
+    if VOTE_TIEBREAK not in out:
+        out.append(VOTE_TIEBREAK)
+    return tuple(out)
+
+
+def check_voters(voters: Sequence[str] | None) -> tuple[str, ...]:
+    """Validate the voters of ``vote`` and return them as a tuple (``None`` -> :data:`DEFAULT_VOTERS`).
+
+    Any registered metric except ``vote`` may vote, ``random`` and ``grasp`` included (grasp needs
+    the model, loss and probe batches at selection time; random the generator). The order is
+    kept: it is the order of ``details["vote"]["voters"]``.
+
+    Args:
+        voters: a sequence of metric names (not a single string), or ``None``.
+
+    Returns:
+        The voters as a tuple of str.
+
+    Raises:
+        ValueError: (one-line message) ``voters`` is a string or not a sequence, is empty, has
+            duplicates, contains ``vote`` itself, or an unknown metric (the message lists the
+            allowed ones).
+    """
+    if voters is None:
+        return DEFAULT_VOTERS
+    if isinstance(voters, (str, bytes)) or not isinstance(voters, Iterable):
+        raise ValueError(f"voters must be a list of metric names, not {voters!r}")
+    out = tuple(voters)
+    allowed = [m for m in available_metrics() if m != "vote"]
+    if not out:
+        raise ValueError(f"voters is empty: name at least one of {', '.join(allowed)}")
+    dups = sorted({str(v) for v in out if out.count(v) > 1})
+    if dups:
+        raise ValueError(f"duplicate voters {', '.join(dups)} in {list(out)}: each metric votes once")
+    if "vote" in out:
+        raise ValueError(f"'vote' cannot be one of its own voters (allowed: {', '.join(allowed)})")
+    for v in out:
+        if not isinstance(v, str) or v not in allowed:
+            raise ValueError(f"unknown voter {v!r}: not one of {', '.join(allowed)}")
+    return out
 
 
 def register_metric(
@@ -256,8 +386,13 @@ def _step_snip(t: StepTensors) -> list[Tensor]:
 def _step_synflow(t: StepTensors) -> list[Tensor]:
     """``Σ g ⊙ θ`` per op, signed (DyRep main Eq. 3-4, supp. Eq. 15), summed in float64.
 
-    The sum cancels heavily for a conv followed by BN in train mode (see the module notes), so it
-    is reduced in float64 to keep the summation error below the gradients' own rounding error.
+    For a conv followed by BN in train mode this is exactly ``Σ_c ε/(σ_c²+ε)·γ_c·∂L/∂γ_c``
+    (BN's ε term; ``σ_c²`` the batch variance of channel ``c``, ``γ_c`` the BN scale), about 1e-7
+    to 1e-5 of snip's ``Σ|g ⊙ θ|`` (module notes). fp32 gradients resolve it (measured vs float64
+    on CIFAR-10: Spearman 0.95-0.97, per-interval argmax 4/4); TF32 (−0.46 to −0.68, 2/4),
+    bf16 (1/4) and fp16 do not. The sum is reduced in float64 so that the summation error stays
+    below the gradients' own rounding error. Read after ``backward()``, before the optimizer
+    step (after it, the value is ≈ −lr·‖g‖², a different metric).
     """
     return [p.sum(dtype=torch.float64) for p in t.grad_times_weight]
 
@@ -275,7 +410,7 @@ class SaliencyAccumulator:
             The modules are kept (their ``.weight`` is read at every step, so a parameter swapped
             in by surgery is seen).
         metrics: names of per-step metrics to accumulate (:data:`STEP_REDUCERS`, e.g. the output
-            of :func:`STEP_METRICS`). ``"random"`` is accepted and ignored (it is drawn at
+            of :func:`step_metrics_for`). ``"random"`` is accepted and ignored (it is drawn at
             selection time); duplicates are dropped.
         device: where the accumulator lives; default the first op's weight device (CPU if none).
 
@@ -462,6 +597,11 @@ def grasp_scores(
 ) -> dict[str, float]:
     """GraSP saliency ``S_o = Σ_i −(H g)_i θ_i`` (DyRep supp. Eq. 14; Wang et al. 2020).
 
+    On conv-BN networks (each conv followed by a train-mode BN) this is ``‖g_o‖²`` up to BN's ε:
+    the loss is invariant to the scale of the conv's kernel, so ``H_oo θ_o = −g_o`` and
+    ``H_o'o θ_o = 0`` (module notes; measured: equal to 7 digits at ε → 0, to 2e-4 at ε = 1e-5).
+    It then ranks the ops as grad_norm does, which is why it is not in :data:`DEFAULT_VOTERS`.
+
     Per batch: ``g = ∂L/∂θ`` over the candidate kernels ``θ = (θ_o)_o`` with ``create_graph=True``,
     ``z = Σ_o Σ_i g_i · stopgrad(g_i)``, ``H g = ∂z/∂θ`` (double backprop), score
     ``S_o = −Σ_i (H g)_i θ_i``; the scores are averaged over the batches. ``H`` is the Hessian
@@ -528,41 +668,55 @@ def grasp_scores(
 
 
 def vote_scores(
-    per_metric: Mapping[str, Mapping[str, float]], tiebreak: str = "synflow"
+    per_metric: Mapping[str, Mapping[str, float]],
+    tiebreak: str = VOTE_TIEBREAK,
+    *,
+    tiebreak_scores: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Vote of several metrics (DyRep supp. A.3 "picking operations with the most votes").
 
-    repsearch's rule (METHODS.md; the paper gives no more): every metric in ``per_metric`` votes
-    for its top op (ties within a metric: the first op in order); the op with the most votes wins;
-    ties go to the op that ``tiebreak`` (synflow) ranks higher. Encoded as scores so that the
-    argmax is the winner: ``score = votes + (n − r) / (n + 1)`` with ``r`` the op's 0-based rank by
-    the tiebreak metric (stable: equal values keep op order) and ``n`` the number of ops, so the
-    fraction lies in (0, 1) and never outweighs a vote.
+    repsearch's rule (:data:`VOTE_RULE`; the paper gives no more): every metric in ``per_metric``
+    is a voter and votes for its top op (ties within a metric: the first op in order); the op
+    with the most votes wins; equal vote counts go to the op that the ``tiebreak`` metric
+    (synflow) ranks higher, whether or not it is a voter. Encoded as scores so that the argmax is
+    the winner: ``score = votes + (n − r) / (n + 1)`` with ``r`` the op's 0-based rank by the
+    tiebreak scores (stable: equal values keep op order; NaN ranks last) and ``n`` the number of
+    ops, so the fraction lies in (0, 1) and never outweighs a vote.
 
     Args:
-        per_metric: metric -> {op path: score}; every metric must score the same ops (the op
-            order is that of the ``tiebreak`` metric's dict).
-        tiebreak: the metric whose ranking breaks ties (must be in ``per_metric``).
+        per_metric: voter -> {op path: score}; every voter must score the same ops.
+        tiebreak: the name of the tie-break metric; without ``tiebreak_scores`` its scores are
+            ``per_metric[tiebreak]`` (it is then a voter too).
+        tiebreak_scores: op path -> score of the tie-break metric when it is not (or not only)
+            a voter; same ops.
+
+    The op order is that of the tie-break scores' dict.
 
     Returns:
-        ``(scores, winners)``: op path -> vote score, and metric -> the op it voted for.
+        ``(scores, winners)``: op path -> vote score (float), and voter -> the op it voted for.
 
     Raises:
-        ValueError: ``tiebreak`` missing, metrics scoring different op sets, or no ops.
+        ValueError: no tie-break scores (``tiebreak`` missing from ``per_metric`` and no
+            ``tiebreak_scores``), metrics scoring different op sets, or no ops.
     """
-    if tiebreak not in per_metric:
-        raise ValueError(f"vote_scores: the tie-break metric {tiebreak!r} is missing from {sorted(per_metric)}")
-    order = list(per_metric[tiebreak].keys())
+    if tiebreak_scores is None:
+        if tiebreak not in per_metric:
+            raise ValueError(
+                f"vote_scores: the tie-break metric {tiebreak!r} is missing from {sorted(per_metric)}"
+            )
+        tb = per_metric[tiebreak]
+    else:
+        tb = tiebreak_scores
+    order = list(tb.keys())
     if not order:
         raise ValueError("vote_scores: no ops to vote on")
     for m, sc in per_metric.items():
         if set(sc.keys()) != set(order):
-            raise ValueError(f"vote_scores: metric {m!r} scores other ops than {tiebreak!r}")
+            raise ValueError(f"vote_scores: metric {m!r} scores other ops than the tie-break {tiebreak!r}")
     winners = {m: argmax_op({p: sc[p] for p in order}) for m, sc in per_metric.items()}
     votes = dict.fromkeys(order, 0)
     for w in winners.values():
         votes[w] += 1
-    tb = per_metric[tiebreak]
     ranked = sorted(order, key=lambda p: -_finite_or_neg_inf(tb[p]))  # stable
     n = len(order)
     scores = {p: float(votes[p]) + (n - r) / (n + 1) for r, p in enumerate(ranked)}
@@ -597,7 +751,10 @@ def argmax_op(scores: Mapping[str, float]) -> str:
 
 @dataclass
 class SelectionContext:
-    """What a scorer may use at adjustment time (see :func:`select_op`).
+    """What a scorer may use at adjustment time (see :func:`select_op` for the fields).
+
+    ``voters`` are the metrics that vote in ``vote`` (``None``: :data:`DEFAULT_VOTERS`), checked
+    and turned into a tuple by :func:`check_voters` at construction (ValueError if invalid).
 
     ``averages()`` and ``probe_batches()`` are computed at most once and cached, so a combined
     metric (vote) pays one host transfer and one pass over the probe loader.
@@ -609,8 +766,12 @@ class SelectionContext:
     probe_batches_fn: Callable[[], Iterable[tuple[Tensor, Tensor]]] | None
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None
     generator: torch.Generator | None
+    voters: Sequence[str] | None = None
     _averages: dict[str, dict[str, float]] | None = field(default=None, repr=False)
     _batches: list[tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.voters = check_voters(self.voters)
 
     def averages(self) -> dict[str, dict[str, float]]:
         """The accumulator's averages (cached). Raises ValueError without an accumulator."""
@@ -683,15 +844,37 @@ def _score_grasp(ctx: SelectionContext) -> tuple[dict[str, float], dict[str, Any
 register_metric("synflow", ("synflow",))(_free_scorer("synflow"))
 
 
-@register_metric("vote", ("grad_norm", "snip", "synflow"))
+@register_metric("vote", _vote_step_metrics(DEFAULT_VOTERS))
 def _score_vote(ctx: SelectionContext) -> tuple[dict[str, float], dict[str, Any]]:
-    """Vote of grad_norm, snip, grasp and synflow, ties by synflow rank (DyRep supp. A.3)."""
+    """Vote of ``ctx.voters``, equal votes by synflow rank (DyRep supp. A.3; :data:`VOTE_RULE`).
+
+    ``details``: ``vote`` = {``voters``, ``tiebreak`` ("synflow"), ``rule`` (:data:`VOTE_RULE`),
+    ``votes`` (op -> number of votes), ``tiebreak_scores`` (op -> synflow score)}, ``winners``
+    (voter -> op), ``per_metric`` (voter -> {op: score}), plus the voters' own details
+    (``n_steps``, ``n_probe_batches``).
+    """
+    voters = check_voters(ctx.voters)
     per_metric: dict[str, dict[str, float]] = {}
     details: dict[str, Any] = {}
-    for m in VOTERS:
+    for m in voters:
         per_metric[m], d = get_metric(m).scorer(ctx)
         details.update(d)
-    scores, winners = vote_scores(per_metric, tiebreak="synflow")
+    if VOTE_TIEBREAK in per_metric:
+        tb = per_metric[VOTE_TIEBREAK]
+    else:
+        tb, d = get_metric(VOTE_TIEBREAK).scorer(ctx)
+        details.update(d)
+    scores, winners = vote_scores(per_metric, tiebreak=VOTE_TIEBREAK, tiebreak_scores=tb)
+    votes = dict.fromkeys(tb, 0)
+    for w in winners.values():
+        votes[w] += 1
+    details["vote"] = {
+        "voters": list(voters),
+        "tiebreak": VOTE_TIEBREAK,
+        "rule": VOTE_RULE,
+        "votes": votes,
+        "tiebreak_scores": dict(tb),
+    }
     details["winners"] = winners
     details["per_metric"] = per_metric
     return scores, details
@@ -705,31 +888,40 @@ def select_op(
     probe_batches_fn: Callable[[], Iterable[tuple[Tensor, Tensor]]] | None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
     generator: torch.Generator | None,
+    *,
+    voters: Sequence[str] | None = None,
 ) -> tuple[str, dict[str, float], dict[str, Any]]:
     """Score every candidate op with ``metric`` and pick the most salient (DyRep Algorithm 1, Rep).
 
     Args:
         metric: a registered metric name (:data:`METRICS` or added by :func:`register_metric`).
-        accumulator: holds the per-step averages of ``STEP_METRICS(metric)`` over ``ops``.
+        accumulator: holds the per-step averages of ``step_metrics_for(metric, voters)`` over
+            ``ops``.
         model: the training model (grasp/vote run it on the probe batches, in its current mode;
             BN running statistics are restored afterwards).
         ops: ordered mapping op path -> ``nn.Conv2d``: the candidates.
         probe_batches_fn: ``() -> iterable of (images (N, C, H, W), labels (N,))``; called (once)
             only by metrics that need probe batches (grasp, vote).
         loss_fn: ``loss_fn(logits, labels) -> 0-dim tensor`` (grasp, vote).
-        generator: seeded ``torch.Generator`` (random).
+        generator: seeded ``torch.Generator`` (random, or a vote with random as a voter).
+        voters: the metrics that vote when ``metric`` is ``vote`` (keyword; ``None``:
+            :data:`DEFAULT_VOTERS` = grad_norm, snip, synflow); validated by :func:`check_voters`
+            for every metric, used only by vote.
 
     Returns:
         ``(best_op_path, scores, details)``: the argmax of ``scores`` (ties: first in op order),
         op path -> float, and a JSON-serialisable dict for the event log (``metric``, ``n_steps``,
-        and per metric e.g. ``n_probe_batches``; vote adds ``winners`` (metric -> op) and
-        ``per_metric`` scores).
+        and per metric e.g. ``n_probe_batches``; vote adds ``vote`` (``voters``, ``tiebreak``,
+        ``rule``, ``votes``, ``tiebreak_scores``), ``winners`` (voter -> op) and ``per_metric``
+        (voter -> {op: score})).
 
     Raises:
-        ValueError: unknown metric (the message lists the metrics), no ops, or a missing input the
-            metric needs (accumulator metric, generator, probe batches).
+        ValueError: unknown metric (the message lists the metrics), no ops, invalid ``voters``
+            (:func:`check_voters`), or a missing input the metric needs (accumulator metric,
+            generator, probe batches).
     """
     spec = get_metric(metric)
+    voters = check_voters(voters)
     if len(ops) == 0:
         raise ValueError("select_op: no candidate ops")
     ctx = SelectionContext(
@@ -739,6 +931,7 @@ def select_op(
         probe_batches_fn=probe_batches_fn,
         loss_fn=loss_fn,
         generator=generator,
+        voters=voters,
     )
     scores, extra = spec.scorer(ctx)
     best = argmax_op({p: scores[p] for p in ops})

@@ -35,26 +35,19 @@ from pydantic import (
 )
 
 from repsearch.errors import UserError
+from repsearch.measures import objective_metrics
+from repsearch.methods import method_specs
+from repsearch.schema import MethodSpecModel, SpecModel, check_space
 
-SCORING_METRICS = ("random", "grad_norm", "snip", "grasp", "synflow", "vote")
-METHOD_NAMES = ("origin", "static", "dyrep")
 SAMPLERS = ("grid", "tpe", "random", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "hyperband")
-#: metrics a sweep may optimise: the final-epoch measures (DESIGN.md measures contract) and the
-#: end-of-trial figures; test/ metrics are reported, never optimised
-OBJECTIVE_METRICS = (
-    "val/top1", "val/loss", "train/top1", "train/loss", "avg_flops_m", "avg_params_m", "flops_m", "params_m",
-    "n_branches", "cost_gpu_hours", "epoch_time_s", "train_images_per_s", "mem_peak_mb",
-    "deploy/val_top1", "deploy/flops_m", "deploy/params_m", "n_rep", "n_dep", "n_branches_cut",
-)
 
 
 class RecipeError(UserError):
     """A malformed recipe, profile or ``--set``: one line, exit status 2 (DESIGN.md recipes contract)."""
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+_Spec = SpecModel
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -79,7 +72,15 @@ class DataSpec(_Spec):
 
 # ---------------------------------------------------------------------------------------- model
 class ModelSpec(_Spec):
-    """The plain conv-BN model (DESIGN.md models contract); ``width`` multiplies every conv width."""
+    """The plain conv-BN model (DESIGN.md models contract).
+
+    ``width`` multiplies every conv width. Any other key is a keyword argument of the model's
+    constructor that changes the architecture (e.g. a stem stride), checked against the
+    constructor's signature and annotations; ``num_classes`` comes from the dataset. Every
+    constructor argument is stored in ``deployed.pt`` (:func:`repsearch.models.model_kwargs`).
+    """
+
+    model_config = ConfigDict(extra="allow", validate_default=True)
 
     name: str = "vgg16"
     width: PositiveFloat = 1.0
@@ -94,82 +95,62 @@ class ModelSpec(_Spec):
             raise ValueError(f"'{v}' is not one of {', '.join(names)}")
         return v
 
+    @model_validator(mode="after")
+    def _constructor_options(self) -> "ModelSpec":
+        from repsearch.models import check_model_options
+
+        extra = dict(self.model_extra or {})
+        if extra:
+            for key, value in check_model_options(self.name, extra).items():
+                setattr(self, key, value)
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The constructor options beyond ``name`` and ``width`` (validated values)."""
+        return dict(self.model_extra or {})
+
 
 # --------------------------------------------------------------------------------------- method
-def _check_space(v: Any) -> Any:
-    from repsearch.spaces import SpaceError, resolve_space
-
-    try:
-        resolve_space(v)
-    except SpaceError as exc:
-        raise ValueError(str(exc)) from None
-    return v
-
-
-class OriginSpec(_Spec):
-    """The plain model trained as is (no re-parameterization): the ``origin`` baseline."""
-
-    name: Literal["origin"] = "origin"
-
-
-class StaticSpec(_Spec):
-    """Every eligible conv expanded with ``space`` from the start and fused at deploy (RepVGG, DBB, ACB
-    baselines). ``gamma_init`` is the last-BN γ of the added branches (1.0 as in DBB/RepVGG)."""
-
-    name: Literal["static"] = "static"
-    space: Union[str, list[str]] = "dbb"
-    gamma_init: NonNegativeFloat = 1.0
-
-    _space = field_validator("space")(classmethod(lambda cls, v: _check_space(v)))
-
-
-class DyRepSpec(_Spec):
-    """DyRep (CVPR 2022, Algorithm 1) as METHODS.md settles it.
-
-    Units: ``interval`` and ``grow_until`` in epochs (counted from 1; an adjustment runs at the end of
-    epoch e when e % interval == 0 and e <= grow_until); ``recal_batches`` and ``probe_batches`` in
-    training batches. ``gamma_init`` is the new branches' last-BN γ (paper 0.01, Fig. 4);
-    ``dep_threshold`` is λ of Eq. 10 (0.02); ``dep_floor`` the official code's importance floor (0.1);
-    ``max_depth`` caps Rep's recursion (2: the model's convs and the convs inside one block).
-    """
-
-    name: Literal["dyrep"] = "dyrep"
-    space: Union[str, list[str]] = "dyrep"
-    scoring: Literal["random", "grad_norm", "snip", "grasp", "synflow", "vote"] = "synflow"
-    interval: PositiveInt = 15
-    gamma_init: PositiveFloat = 0.01
-    dep_threshold: NonNegativeFloat = 0.02
-    dep_floor: NonNegativeFloat = 0.1
-    recal_batches: NonNegativeInt = 20
-    grow_until: PositiveInt = 500
-    max_depth: PositiveInt = 2
-    probe_batches: PositiveInt = 4
-
-    _space = field_validator("space")(classmethod(lambda cls, v: _check_space(v)))
-
-
-MethodSpec = Annotated[Union[OriginSpec, StaticSpec, DyRepSpec], Field(discriminator="name")]
-METHOD_SPECS: dict[str, type[_Spec]] = {"origin": OriginSpec, "static": StaticSpec, "dyrep": DyRepSpec}
+#: ``method.name`` -> recipe section class, from the methods' registry (``repsearch/methods/``).
+METHOD_SPECS: dict[str, type[MethodSpecModel]] = method_specs()
+METHOD_NAMES = tuple(METHOD_SPECS)
+MethodSpec = Annotated[Union[tuple(METHOD_SPECS.values())], Field(discriminator="name")]  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------- train
 class TrainSpec(_Spec):
-    """SGD with cosine LR and linear warm-up (DyRep §5.1). Units: ``epochs``/``warmup_epochs`` in
-    epochs, ``batch_size`` in images; ``amp`` (bf16 autocast) and ``channels_last`` apply on CUDA only.
-    ``wd_on_norm``: weight decay on BN and bias parameters too (true in DyRep's CIFAR recipe)."""
+    """Optimizer, LR schedule, precision (DyRep §5.1; the method interface v2).
+
+    Units: ``epochs``/``warmup_epochs`` in epochs (the LR warm-up is linear over warmup_epochs ×
+    steps per epoch optimizer steps), ``batch_size`` in images. ``optimizer``: ``sgd`` (``momentum``,
+    ``nesterov``) or ``adamw`` (``betas``, ``eps``). ``grad_clip``: the maximum global L2 norm of the
+    gradients (null = off; clipped after the method's ``after_backward``, before the step).
+    ``wd_on_norm``: weight decay on BN and bias parameters too (true in DyRep's CIFAR recipe).
+
+    Precision (DESIGN.md conventions: record it, every arm of an ablation alike): ``amp`` = bf16
+    autocast on CUDA; ``tf32`` = TF32 convolutions and matmuls on CUDA (default false: exact fp32,
+    as the papers' V100 runs); a method that scores fp32 gradients (``fp32_gradients``) turns both
+    off for those epochs whatever these fields say. ``channels_last`` applies on CUDA only.
+    """
 
     epochs: PositiveInt = 600
     batch_size: PositiveInt = 128
     eval_batch_size: PositiveInt = 1000
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: PositiveFloat = 0.1
     momentum: NonNegativeFloat = 0.9
     nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: PositiveFloat = 1.0e-8
     weight_decay: NonNegativeFloat = 1.0e-4
     wd_on_norm: bool = True
     min_lr: NonNegativeFloat = 1.0e-6
     warmup_epochs: NonNegativeInt = 0
+    grad_clip: Optional[PositiveFloat] = None
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     amp: bool = True
+    tf32: bool = False
     channels_last: bool = True
     deterministic: bool = False
 
@@ -181,6 +162,8 @@ class TrainSpec(_Spec):
             raise ValueError(f"min_lr ({self.min_lr:g}) must not exceed lr ({self.lr:g}): the cosine schedule decays from lr to min_lr")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas {list(self.betas)} must each lie in [0, 1)")
         return self
 
 
@@ -243,8 +226,9 @@ class Objective(_Spec):
     def _known_metric(cls, v: str) -> str:
         if v.startswith("test/"):
             raise ValueError(f"'{v}': test accuracy is reported, never optimised; use a val/ metric")
-        if v not in OBJECTIVE_METRICS:
-            raise ValueError(f"'{v}' is not one of {', '.join(OBJECTIVE_METRICS)}")
+        names = objective_metrics()
+        if v not in names:
+            raise ValueError(f"'{v}' is not one of {', '.join(names)}")
         return v
 
 
@@ -291,7 +275,7 @@ class Recipe(_Spec):
     description: str = ""
     data: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
-    method: MethodSpec = Field(default_factory=OriginSpec)
+    method: MethodSpec = Field(default_factory=METHOD_SPECS["origin"])
     train: TrainSpec = Field(default_factory=TrainSpec)
     sweep: Optional[SweepSpec] = None
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
@@ -300,11 +284,9 @@ class Recipe(_Spec):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
-        m = self.method
-        if isinstance(m, DyRepSpec) and m.grow_until < m.interval:
-            raise ValueError(
-                f"method.grow_until ({m.grow_until}) < method.interval ({m.interval}): DyRep would never adjust"
-            )
+        check = getattr(self.method, "check_recipe", None)
+        if check is not None:
+            check(self)  # a method's checks that need other sections (ValueError, one line)
         return self
 
 
@@ -515,8 +497,8 @@ def read_recipe_file(path: str | Path) -> dict:
         raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read: {exc.strerror}") from None
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        raise RecipeError(f"{path}: the recipe is empty; a recipe is a mapping of sections (data, model, method, train, sweep, ...)")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections (data, model, method, train, sweep, ...)")
     return data
@@ -658,10 +640,45 @@ def trial_recipe(recipe: Recipe, overrides: dict[str, Any], seed: int) -> Recipe
 _HASH_EXCLUDE = ("sweep.n_trials", "sweep.seeds", "sweep.workers", "tracking", "data.root", "profiles", "description")
 
 
-def recipe_hash(recipe: Recipe) -> str:
-    """SHA-256 (hex) of the resolved recipe minus what does not change results (DESIGN.md: n_trials,
-    seeds, workers, tracking, data.root; also profiles and description)."""
-    d = recipe.model_dump(mode="json")
+def _field_default(info) -> Any:
+    from pydantic_core import PydanticUndefined
+
+    if info.default_factory is not None:
+        return info.default_factory()
+    return None if info.default is PydanticUndefined else info.default
+
+
+def _non_defaults(value: Any) -> Any:
+    """JSON-able dump of ``value`` without fields equal to their defaults, at every depth.
+
+    A pydantic model keeps its ``name`` (the discriminator of the method union: two methods with
+    default fields must not hash alike) and every field whose value differs from its default, itself
+    reduced the same way; extra keys (model constructor options) are kept. Lists and dicts are
+    reduced element by element.
+    """
+    if isinstance(value, BaseModel):
+        out: dict[str, Any] = {}
+        for key, info in type(value).model_fields.items():
+            v = getattr(value, key)
+            if key != "name" and v == _field_default(info):
+                continue
+            out[key] = _non_defaults(v)
+        for key, v in (value.model_extra or {}).items():
+            out[key] = _non_defaults(v)
+        return out
+    if isinstance(value, dict):
+        return {str(k): _non_defaults(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_non_defaults(v) for v in value]
+    return value
+
+
+def hashed_recipe(recipe: Recipe) -> dict:
+    """What the study hash covers: the resolved recipe without the fields equal to their defaults
+    (so a release that adds a field with a default renames no study) and without what does not
+    change results (:data:`_HASH_EXCLUDE`: n_trials, seeds, workers, tracking, data.root, profiles,
+    description). DESIGN.md "Sweeps — contract"."""
+    d = _non_defaults(recipe)
     for path in _HASH_EXCLUDE:
         parts = path.split(".")
         cur = d
@@ -669,7 +686,12 @@ def recipe_hash(recipe: Recipe) -> str:
             cur = cur.get(p) if isinstance(cur, dict) else None
         if isinstance(cur, dict):
             cur.pop(parts[-1], None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+    return {k: v for k, v in d.items() if v != {}}
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """SHA-256 (hex) of :func:`hashed_recipe` as canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(hashed_recipe(recipe), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def study_name(recipe_path: str | Path, profile: Optional[str], recipe: Recipe) -> str:

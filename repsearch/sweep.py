@@ -7,7 +7,9 @@ DESIGN.md "Sweeps — contract". The parent process (:func:`run_study`)
    (``load_if_exists``; directions from ``sweep.objective``; user attributes: recipe hash and YAML);
 2. fails stale trials: RUNNING trials whose recorded worker (host name, pid and the process's start
    time, in user attributes) is gone from this host, at once, and those whose heartbeat expired
-   (``optuna.storages.fail_stale_trials``); their MLflow child runs are marked KILLED;
+   (``optuna.storages.fail_stale_trials``); their MLflow child runs are marked KILLED, and so is
+   every other RUNNING child run of the study whose trial is not RUNNING (a worker killed after
+   creating the run but before recording its id in the trial);
 3. enqueues every slot (point × seed) that has no COMPLETE or PRUNED trial and no WAITING or
    RUNNING one (``study.enqueue_trial``; point id, overrides and seed in ``user_attrs``). A FAILED
    slot is therefore enqueued again; ``GridSampler`` and ``skip_if_exists`` are never used;
@@ -26,7 +28,9 @@ then enqueues the same configuration (fixed params) for the other seeds. ``seed`
 attribute only there (a param would enter the sampler's search space). Baselines are fixed slots
 without Optuna params.
 
-Objectives are the final values of the objective metrics (``TrialResult.final``). The pruner
+Objectives are the final values of the objective metrics (``TrialResult.final``); a trial's
+non-numeric final facts (``TrialResult.tags``, e.g. ``precision``, ``not_learning``) are tags of
+its MLflow child run and the user attribute ``tags`` (a dict, next to ``final``). The pruner
 (median / hyperband) sees the objective metric every epoch, or ``val/top1`` when the objective is
 not a per-epoch measure and is maximised; a pruned trial is PRUNED in Optuna and a FINISHED MLflow
 run tagged ``pruned=true``. A trial that raises is FAIL (user attribute ``error``), its MLflow run
@@ -60,7 +64,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from repsearch.errors import UserError
-from repsearch.report import ParetoFront, ReportRow, pareto_front, rows_from_trials
+from repsearch.report import ParetoFront, ReportRow, not_learning_warnings, pareto_front, rows_from_trials
 from repsearch.spec import Choices, Objective, Range, Recipe, recipe_hash, recipe_yaml, study_name as make_study_name, trial_recipe
 from repsearch.tracking import Stores, Tracker, flatten_params
 
@@ -102,7 +106,9 @@ class StudySummary:
     ``n_total`` counts slots (configuration × seed) the study must hold; ``n_complete``/``n_pruned``
     those finished so; ``n_failed`` those whose only trials FAILED; ``ran_now`` trials run by this
     call; ``failures`` = (point id, seed, one-line error) of the failed slots; ``pareto`` the Pareto
-    front of a multi-objective study (rich prints it as a table), else None.
+    front of a multi-objective study (rich prints it as a table), else None; ``warnings`` one line
+    per COMPLETE trial tagged ``not_learning`` (:func:`repsearch.report.not_learning_warnings`),
+    for the caller to print below the comparison table.
     """
 
     study_name: str
@@ -117,6 +123,7 @@ class StudySummary:
     failures: list[tuple[str, int, str]]
     n_running: int = 0
     parent_run_id: Optional[str] = None
+    warnings: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------- points
@@ -454,11 +461,13 @@ def _enqueue_missing(ctx: _Ctx) -> int:
 
 def _fail_stale(ctx: _Ctx) -> list[FrozenTrial]:
     """Fail RUNNING trials whose worker died on this host or whose heartbeat expired; mark their
-    MLflow runs KILLED. Returns the trials failed."""
+    MLflow runs KILLED, and every other RUNNING child run of the study whose trial is no longer
+    RUNNING (:func:`_kill_orphan_runs`). Returns the trials failed."""
     running = {t.number: t for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    if not running:
-        return []
     reasons: dict[int, str] = {}
+    if not running:
+        _kill_orphan_runs(ctx, reasons)
+        return []
     now = datetime.now()
     for t in running.values():
         a = t.user_attrs
@@ -483,10 +492,47 @@ def _fail_stale(ctx: _Ctx) -> list[FrozenTrial]:
     for t in failed:
         reason = reasons.get(t.number, f"heartbeat older than {GRACE_PERIOD_S} s")
         log.warning("trial %d (%s, seed %s) failed as stale: %s", t.number, t.user_attrs.get("point"), t.user_attrs.get("seed"), reason)
+        reasons[t.number] = reason
         run_id = t.user_attrs.get("mlflow_run_id")
         if run_id and ctx.tracker is not None:
             ctx.tracker.kill_run(run_id, reason)
+    _kill_orphan_runs(ctx, reasons)
     return failed
+
+
+def _kill_orphan_runs(ctx: _Ctx, reasons: dict[int, str]) -> list[str]:
+    """Mark KILLED every RUNNING MLflow child run of the study whose Optuna trial is not RUNNING.
+
+    Such a run is an orphan: its worker died after creating it (e.g. before recording its id in the
+    trial's ``mlflow_run_id``, so the stale-trial pass could not find it), and nobody will finish it.
+    The runs are listed before the trials are read, so a run that a live worker creates meanwhile is
+    never taken for one; a run that ended meanwhile is left as it is, and so is a run whose trial
+    number this study does not hold. ``reasons``: trial number ->
+    why it was failed now. Returns the run ids marked KILLED.
+    """
+    if ctx.tracker is None:
+        return []
+    try:
+        candidates = ctx.tracker.running_trial_runs(ctx.name)
+    except Exception as exc:  # MLflow trouble must not stop the study
+        log.warning("could not look for orphan MLflow runs of study %s: %s", ctx.name, exc)
+        return []
+    if not candidates:
+        return []
+    trials = {t.number: t for t in ctx.study.get_trials(deepcopy=False)}
+    killed = []
+    for run_id, number in candidates:
+        t = trials.get(number)
+        if t is None or t.state == TrialState.RUNNING:  # unknown here (another storage?): not ours to judge
+            continue
+        if ctx.tracker.run_status(run_id) != "RUNNING":
+            continue
+        why = reasons.get(number) or t.user_attrs.get("error") or f"trial {number} is {t.state.name}"
+        reason = f"orphan run of trial {number} ({why})"
+        log.warning("MLflow run %s: %s; marked KILLED", run_id, reason)
+        ctx.tracker.kill_run(run_id, reason)
+        killed.append(run_id)
+    return killed
 
 
 class _Heartbeat:
@@ -648,6 +694,10 @@ def _run_one(ctx: _Ctx, trial_id: int) -> tuple[str, Optional[str]]:
                 recipe, data_root=ctx.data_root, device=ctx.device, out_dir=out_dir, on_epoch=on_epoch, progress=ctx.progress
             )
             final = {k: float(v) for k, v in dict(result.final).items() if _is_number(v)}
+            tags = {str(k): str(v) for k, v in dict(getattr(result, "tags", None) or {}).items()}
+            trial.set_user_attr("tags", tags)
+            if tracker is not None and tags:
+                tracker.set_tags(run_id, tags)  # before the objective checks: a trial failed below keeps them
             values = []
             for obj in ctx.objectives:
                 if obj.metric not in final:
@@ -869,7 +919,7 @@ def run_study(
         return StudySummary(
             study_name=name, n_total=acc["total"], n_complete=acc["complete"], n_failed=acc["failed"], n_pruned=acc["pruned"],
             ran_now=0, nothing_to_run=True, rows=rows, pareto=pareto, failures=acc["failures"], n_running=acc["running"],
-            parent_run_id=tracker.find_parent(name),
+            parent_run_id=tracker.find_parent(name), warnings=not_learning_warnings(rows),
         )
     ctx.parent_run_id = tracker.parent_run(
         name,
@@ -899,7 +949,7 @@ def run_study(
     return StudySummary(
         study_name=name, n_total=acc["total"], n_complete=acc["complete"], n_failed=acc["failed"], n_pruned=acc["pruned"],
         ran_now=len(outcomes), nothing_to_run=False, rows=rows, pareto=pareto, failures=acc["failures"],
-        n_running=acc["running"], parent_run_id=ctx.parent_run_id,
+        n_running=acc["running"], parent_run_id=ctx.parent_run_id, warnings=not_learning_warnings(rows),
     )
 
 

@@ -44,6 +44,7 @@ VERSION_PACKAGES = {"torch": "torch", "torchvision": "torchvision", "optuna": "o
 ROLE_TAG = "repsearch.role"
 
 _MLFLOW_PARAM_MAX = 6000  # MLflow's limit on a param value (characters)
+_MLFLOW_TAG_MAX = 8000  # MLflow's limit on a tag value (characters)
 _BATCH_PARAMS = 100  # MLflow's limit on params per log_batch
 _BATCH_METRICS = 1000
 
@@ -387,6 +388,37 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     # -- child runs ------------------------------------------------------------------------------
+    def running_trial_runs(self, study_name: str) -> list[tuple[str, int]]:
+        """(run id, Optuna trial number) of the study's child runs that are still RUNNING: runs with
+        the tags ``study_name`` and ``optuna.trial_number`` (the parent run has no trial number)."""
+        from mlflow.entities import ViewType
+
+        safe = "'" not in study_name and "\\" not in study_name
+        filt = "attributes.status = 'RUNNING'" + (f" and tags.study_name = '{study_name}'" if safe else "")
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=filt, run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+            order_by=["attributes.start_time ASC"],
+        )
+        out: list[tuple[str, int]] = []
+        for run in runs:
+            tags = run.data.tags
+            if tags.get("study_name") != study_name or tags.get(ROLE_TAG) == "study" or run.info.status != "RUNNING":
+                continue
+            try:
+                out.append((run.info.run_id, int(tags["optuna.trial_number"])))
+            except (KeyError, ValueError):
+                continue
+        return out
+
+    def run_status(self, run_id: str) -> Optional[str]:
+        """The run's status (RUNNING, FINISHED, FAILED, KILLED, SCHEDULED), or None if it is gone."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.status
+        except MlflowException:
+            return None
+
     def start_trial(self, parent_run_id: Optional[str], *, run_name: str, tags: dict[str, Any]) -> str:
         """Create a trial's child run (nested under ``parent_run_id``) with ``tags`` plus the static tags."""
         all_tags = self.static_tags()
@@ -436,7 +468,7 @@ class Tracker:
         from mlflow.entities import RunTag
 
         if tags:
-            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:_MLFLOW_TAG_MAX]) for k, v in tags.items()])
 
     def finish_trial(self, run_id: str, *, status: str = "FINISHED", tags: Optional[Mapping[str, Any]] = None) -> None:
         """Terminate a trial's run with ``status`` (FINISHED, FAILED, KILLED) after setting ``tags``."""

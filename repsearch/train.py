@@ -1,9 +1,15 @@
-"""The training loop: SGD + cosine LR (via the method's hooks), bf16 autocast and channels_last on
-CUDA, per-epoch evaluation and the per-epoch measures of DESIGN.md's measures contract.
+"""The training loop: the method's optimizer and LR schedule, bf16 autocast, TF32 and channels_last on
+CUDA, gradient clipping, per-epoch evaluation and the per-epoch measures of DESIGN.md's measures
+contract, driven through the method interface v2 (:mod:`repsearch.methods.base`).
 
 The hot path (one training step) does forward, loss, backward, ``method.after_backward`` (on-device
-saliency accumulation), the optimizer and LR steps, and adds the batch's loss and correct count to
-on-device accumulators: no host sync per step. The host reads the accumulators once per epoch.
+saliency accumulation), the optional global-norm clipping (on device), the optimizer and LR steps,
+and adds the batch's loss and correct count to on-device accumulators: no host sync per step. The
+host reads the accumulators once per epoch.
+
+Precision is part of the experiment (DESIGN.md conventions): autocast (``train.amp``, bf16, CUDA
+only) and TF32 (``train.tf32``, CUDA only) are decided per epoch — both off while the method scores
+fp32 gradients (``Method.fp32_gradients``) — and the trainer records which epochs ran how.
 """
 
 from __future__ import annotations
@@ -18,9 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from repsearch import optim
-from repsearch.measures import RunningAverage, count_macs, count_params, peak_memory_mb, reset_peak_memory
-from repsearch.methods.base import Method
+from repsearch.measures import RunningAverage, check_measures, count_macs, count_params, peak_memory_mb, reset_peak_memory
+from repsearch.methods.base import EpochChanges, Method
 from repsearch.rep import count_branches
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,47 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
     torch.backends.cudnn.deterministic = bool(deterministic)
     torch.backends.cudnn.benchmark = False
+
+
+def tf32_flags() -> tuple[bool, bool]:
+    """``(torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)``."""
+    return bool(torch.backends.cuda.matmul.allow_tf32), bool(torch.backends.cudnn.allow_tf32)
+
+
+def set_tf32(on: bool | tuple[bool, bool]) -> None:
+    """Set both TF32 flags (CUDA matmuls and cuDNN convolutions); a pair sets them separately.
+    They are process-wide and have no effect on CPU."""
+    matmul, cudnn = (on, on) if isinstance(on, bool) else on
+    torch.backends.cuda.matmul.allow_tf32 = bool(matmul)
+    torch.backends.cudnn.allow_tf32 = bool(cudnn)
+
+
+class tf32_scope:
+    """Context manager: set the TF32 flags to ``on`` and restore the previous flags on exit (trials
+    run one after another in one process)."""
+
+    def __init__(self, on: bool):
+        self.on = bool(on)
+        self.prev: tuple[bool, bool] = (False, False)
+
+    def __enter__(self) -> "tf32_scope":
+        self.prev = tf32_flags()
+        set_tf32(self.on)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        set_tf32(self.prev)
+
+
+def _epoch_ranges(epochs: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    out: list[str] = []
+    for e in sorted(epochs):
+        if out and int(out[-1].split("-")[-1]) == e - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{e}"
+        else:
+            out.append(str(e))
+    return ", ".join(out)
 
 
 def autocast_for(device: torch.device, amp: bool):
@@ -75,20 +121,26 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool
 
 
 class Trainer:
-    """Train ``model`` with ``method``'s hooks for ``train_spec.epochs`` epochs.
+    """Train ``model`` with ``method``'s hooks for ``train_spec.epochs`` epochs (the hook order is in
+    :mod:`repsearch.methods.base`).
 
     Args:
         model: the training-time model (after ``method.prepare``), on ``device``.
         method: a :class:`~repsearch.methods.base.Method`.
-        train_loader / val_loader: iterables of ``(images, labels)`` on ``device``; ``len(train_loader)``
-            = optimizer steps per epoch.
+        train_loader / val_loader: iterables of ``(images (B, 3, H, W), labels (B,))`` on ``device``;
+            ``len(train_loader)`` = optimizer steps per epoch.
         train_spec: the recipe's ``train`` section.
         device: torch device.
         on_epoch: called as ``on_epoch(epoch, measures)`` after every epoch (epoch counts from 1).
         on_step: called as ``on_step(epoch, step_in_epoch)`` after every step (progress bars; must not sync).
 
+    Attributes:
+        history: per-epoch measures, epoch 1 first.
+        fp32_epochs / tf32_epochs: the epochs trained without autocast / with TF32 allowed.
+
     Raises:
         NonFiniteLoss: when the epoch's mean training loss is NaN or infinite.
+        KeyError: a method measure that is not registered in :mod:`repsearch.measures` (a bug).
     """
 
     def __init__(
@@ -112,34 +164,45 @@ class Trainer:
         self.on_step = on_step
         self.cuda = self.device.type == "cuda"
         self.channels_last = bool(train_spec.channels_last) and self.cuda
+        self.grad_clip = getattr(train_spec, "grad_clip", None)
         self.optimizer = method.optimizer(model, train_spec)
         self.scheduler = method.scheduler(self.optimizer, train_spec, len(train_loader))
         self.history: list[dict[str, float]] = []
         self.avg_flops = RunningAverage()
         self.avg_params = RunningAverage()
         self.device_seconds = 0.0
+        self.fp32_epochs: list[int] = []
+        self.tf32_epochs: list[int] = []
         self._structure_changed()
 
     # ---------------------------------------------------------------------------------------
     def _structure_changed(self) -> None:
-        """After construction or a structure change only: put new modules in channels_last (CUDA) and
-        measure MACs/params/branches of the current training-time structure."""
+        """After construction or a structure change only: put new modules in channels_last (CUDA),
+        list the parameters to clip and measure MACs/params/branches of the current structure."""
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self._clip_params = [p for p in self.model.parameters() if p.requires_grad] if self.grad_clip else []
         self.flops_m = count_macs(self.model) / 1e6
         self.params_m = count_params(self.model) / 1e6
         self.n_branches = count_branches(self.model)
 
-    def _train_epoch(self, epoch: int) -> tuple[float, float, int, float]:
+    def precision(self, epoch: int) -> tuple[bool, bool]:
+        """``(autocast, tf32)`` of ``epoch``'s training steps: bf16 autocast when ``train.amp`` on CUDA,
+        TF32 when ``train.tf32`` on CUDA, both off while the method needs fp32 gradients."""
+        fp32 = self.method.fp32_gradients(epoch)
+        amp = bool(self.spec.amp) and self.cuda and not fp32
+        tf32 = bool(getattr(self.spec, "tf32", False)) and not fp32
+        return amp, tf32
+
+    def _train_epoch(self, epoch: int, amp: bool) -> tuple[float, float, int, float]:
         model, opt, sched, method = self.model, self.optimizer, self.scheduler, self.method
         model.train()
-        # bf16 autocast unless the method needs fp32 gradients this epoch (DyRep's signed synflow)
-        amp = bool(self.spec.amp) and not method.fp32_gradients(epoch)
         lr = opt.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         n = 0
         step0 = (epoch - 1) * len(self.train_loader)
+        clip, clip_params = self.grad_clip, self._clip_params
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)  # shuffle/augmentation draws keyed by (seed, epoch)
         for i, (images, labels) in enumerate(self.train_loader):
@@ -149,6 +212,9 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             method.after_backward(model, step0 + i)
+            if clip:
+                # global L2 norm over every trainable parameter, on device (no host sync)
+                nn.utils.clip_grad_norm_(clip_params, clip, foreach=True)
             opt.step()
             lr = opt.param_groups[0]["lr"]  # the LR this step used (a python float: no sync)
             sched.step()
@@ -163,45 +229,85 @@ class Trainer:
         return total_loss / n, 100.0 * total_correct / n, n, lr
 
     def fit(self) -> list[dict[str, float]]:
-        """Run every epoch; returns the per-epoch measures (also passed to ``on_epoch``)."""
-        spec = self.spec
-        for epoch in range(1, spec.epochs + 1):
-            reset_peak_memory(self.device)
-            t0 = time.perf_counter()
-            train_loss, train_top1, n, lr = self._train_epoch(epoch)
-            if self.cuda:
-                torch.cuda.synchronize(self.device)
-            train_s = time.perf_counter() - t0
-            if not math.isfinite(train_loss):
-                raise NonFiniteLoss(f"training loss is {train_loss} at epoch {epoch} (lr {self.optimizer.param_groups[0]['lr']:.3g})")
-            flops_m, params_m, n_branches = self.flops_m, self.params_m, self.n_branches
-            self.avg_flops.update(flops_m)
-            self.avg_params.update(params_m)
-            changed = self.method.on_epoch_end(self.model, epoch, self.train_loader)
-            if changed:
-                counts = optim.sync_param_groups(self.optimizer, self.model, spec.wd_on_norm)
-                log.debug("epoch %d: structure changed, optimizer groups updated %s", epoch, counts)
+        """Run every epoch; returns the per-epoch measures (also passed to ``on_epoch``). The TF32
+        flags found at the start are restored at the end."""
+        with tf32_scope(bool(getattr(self.spec, "tf32", False))):
+            for epoch in range(1, self.spec.epochs + 1):
+                self._epoch(epoch)
+        return self.history
+
+    def _epoch(self, epoch: int) -> None:
+        method = self.method
+        reset_peak_memory(self.device)
+        t0 = time.perf_counter()
+        method.on_epoch_start(self.model, epoch)
+        amp, tf32 = self.precision(epoch)
+        set_tf32(tf32)
+        if not amp:
+            self.fp32_epochs.append(epoch)
+        if tf32 and self.cuda:
+            self.tf32_epochs.append(epoch)
+        train_loss, train_top1, n, lr = self._train_epoch(epoch, amp)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        train_s = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(f"training loss is {train_loss} at epoch {epoch} (lr {self.optimizer.param_groups[0]['lr']:.3g})")
+        flops_m, params_m, n_branches = self.flops_m, self.params_m, self.n_branches
+        self.avg_flops.update(flops_m)
+        self.avg_params.update(params_m)
+        val_loss, val_top1 = evaluate(self.model, self.val_loader, self.device, self.spec.amp)
+        m = {
+            "train/loss": train_loss,
+            "train/top1": train_top1,
+            "val/loss": val_loss,
+            "val/top1": val_top1,
+            "lr": lr,
+            "train_images_per_s": n / train_s if train_s > 0 else float("nan"),
+            "flops_m": flops_m,
+            "params_m": params_m,
+            "avg_flops_m": self.avg_flops.mean,
+            "avg_params_m": self.avg_params.mean,
+            "n_branches": float(n_branches),
+        }
+        changes = method.on_epoch_end(self.model, epoch, self.train_loader, dict(m))
+        if isinstance(changes, bool):  # a version-1 method: True = structure changed
+            changes = EpochChanges(structure_changed=changes)
+        if changes:
+            counts = method.sync_optimizer(self.optimizer, self.model, changes)
+            log.debug("epoch %d: optimizer synced after %s: %s", epoch, changes, counts)
+            if changes.structure_changed:
                 self._structure_changed()
-            val_loss, val_top1 = evaluate(self.model, self.val_loader, self.device, spec.amp)
-            epoch_s = time.perf_counter() - t0
-            self.device_seconds += epoch_s
-            m = {
-                "train/loss": train_loss,
-                "train/top1": train_top1,
-                "val/loss": val_loss,
-                "val/top1": val_top1,
-                "lr": lr,
+        extra = method.epoch_measures(epoch)
+        check_measures(extra, "epoch", f"method {method.name}")
+        epoch_s = time.perf_counter() - t0
+        self.device_seconds += epoch_s
+        m.update(
+            {
                 "epoch_time_s": epoch_s,
-                "train_images_per_s": n / train_s if train_s > 0 else float("nan"),
                 "mem_peak_mb": peak_memory_mb(self.device),
-                "flops_m": flops_m,
-                "params_m": params_m,
-                "avg_flops_m": self.avg_flops.mean,
-                "avg_params_m": self.avg_params.mean,
-                "n_branches": float(n_branches),
                 "cost_gpu_hours": self.device_seconds / 3600.0,
             }
-            self.history.append(m)
-            if self.on_epoch is not None:
-                self.on_epoch(epoch, m)
-        return self.history
+        )
+        m.update({k: float(v) for k, v in extra.items()})
+        self.history.append(m)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, m)
+
+    def final_measures(self) -> tuple[dict[str, float], dict[str, str]]:
+        """``(numbers, tags)`` describing how the run trained: ``fp32_epochs`` (count) and the tags
+        ``precision`` (e.g. ``fp32`` or ``bf16 autocast: epochs 11-600; fp32: epochs 1-10``, plus
+        ``TF32`` where it was allowed on CUDA) and ``precision.fp32_epochs`` (the epoch ranges)."""
+        epochs = len(self.history)
+        amp_epochs = [e for e in range(1, epochs + 1) if e not in set(self.fp32_epochs)]
+        fp32 = [e for e in self.fp32_epochs if e <= epochs]
+        if not amp_epochs:
+            text = "fp32"
+        elif not fp32:
+            text = "bf16 autocast"
+        else:
+            text = f"bf16 autocast: epochs {_epoch_ranges(amp_epochs)}; fp32: epochs {_epoch_ranges(fp32)}"
+        if self.tf32_epochs:
+            text += f"; TF32 allowed: epochs {_epoch_ranges(self.tf32_epochs)}"
+        tags = {"precision": text, "precision.fp32_epochs": _epoch_ranges(fp32) or "none"}
+        return {"fp32_epochs": float(len(fp32))}, tags

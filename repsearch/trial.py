@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +20,11 @@ import torch
 from torch import nn
 
 from repsearch.data import build_data, resolve_data_root
-from repsearch.measures import count_macs, count_params
-from repsearch.methods import build_method
-from repsearch.models import build_model
+from repsearch.measures import check_measures, count_macs, count_params
+from repsearch.methods import Method, build_method
+from repsearch.models import build_model, model_kwargs
 from repsearch.spec import Recipe, recipe_yaml
-from repsearch.train import Trainer, evaluate, seed_everything
+from repsearch.train import Trainer, evaluate, seed_everything, tf32_scope
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,60 @@ class TrialResult:
     """What one trial produced.
 
     Attributes:
-        final: final measures (``val/top1`` etc. of the last epoch, ``test/top1``, ``deploy/*``,
-            ``avg_flops_m``, ``avg_params_m``, ``cost_gpu_hours``, ``n_rep``, ``n_dep``).
+        final: final measures, numbers only (``val/top1`` etc. of the last epoch, ``test/top1``,
+            ``deploy/*``, ``avg_flops_m``, ``avg_params_m``, ``cost_gpu_hours``, ``fp32_epochs``,
+            the method's numeric ``final_measures`` such as DyRep's ``n_rep``, ``n_dep``).
         history: per-epoch measures (DESIGN.md measures contract), epoch 1 first.
         artifacts: files written into ``out_dir``.
         events: the method's structural events (Rep/Dep/expand).
+        tags: non-numeric facts (MLflow tags): ``precision``, ``not_learning`` (the reason, only for
+            a collapsed trial), the method's non-numeric ``final_measures``.
     """
 
     final: dict[str, float]
     history: list[dict[str, float]]
     artifacts: list[Path] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+#: A trial is "not learning" when its training loss stays within this fraction of ln(classes) ...
+COLLAPSE_LOSS_TOL = 0.01
+#: ... for this many consecutive epochs after the first (or its val/top1 never leaves chance).
+COLLAPSE_EPOCHS = 3
+
+
+def learning_check(history: list[dict[str, float]], num_classes: int, n_val: int) -> Optional[str]:
+    """Why a trial did not learn, or None when it did (issue: "a dead run never looks like a result").
+
+    A trial is marked when (a) its training loss stayed within 1% of ln(classes) — the loss of a
+    uniform prediction — for :data:`COLLAPSE_EPOCHS` consecutive epochs after the first, or (b) its
+    val/top1 stayed at chance in every epoch: at most 100/classes % plus two binomial standard
+    errors of an ``n_val``-image validation split (at least 2 points).
+
+    Args:
+        history: per-epoch measures with ``train/loss`` (nats) and ``val/top1`` (%), epoch 1 first.
+        num_classes: number of classes (chance = 100/num_classes %).
+        n_val: validation images (for the chance band).
+    """
+    if not history or num_classes < 2:
+        return None
+    ln_c = math.log(num_classes)
+    run: list[int] = []
+    for epoch, m in enumerate(history, start=1):
+        if epoch > 1 and abs(m["train/loss"] - ln_c) <= COLLAPSE_LOSS_TOL * ln_c:
+            run.append(epoch)
+            if len(run) >= COLLAPSE_EPOCHS:
+                return f"train/loss within 1% of ln({num_classes}) = {ln_c:.3f} for epochs {run[0]}-{run[-1]}"
+        else:
+            run = []
+    chance = 100.0 / num_classes
+    p = 1.0 / num_classes
+    band = max(2.0, 200.0 * math.sqrt(p * (1 - p) / max(1, n_val)))
+    if all(m["val/top1"] <= chance + band for m in history):
+        best = max(m["val/top1"] for m in history)
+        return f"val/top1 at chance in every epoch (best {best:.2f}% <= {chance:.1f}% + {band:.1f})"
+    return None
 
 
 @torch.no_grad()
@@ -105,6 +149,7 @@ def run_trial(
     out_dir: Path,
     on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None,
     progress: bool = True,
+    method: Optional[Method] = None,
 ) -> TrialResult:
     """Train one configuration and deploy it.
 
@@ -115,15 +160,20 @@ def run_trial(
         out_dir: folder for the artifacts (created).
         on_epoch: ``on_epoch(epoch, measures)`` after every epoch (tracking, pruning).
         progress: show a rich progress bar on stderr.
+        method: a method instance to use instead of the one ``recipe.method`` names (tests and
+            programmatic use; the recipe's ``method`` section is then only recorded).
 
     Raises:
         repsearch.errors.DataError: missing data root or layout (a user mistake).
         repsearch.train.NonFiniteLoss: NaN/inf training loss.
         DeployMismatch: deployed outputs differ beyond the tolerance (a bug; the figures are in the message).
     """
-    dev = torch.device(device)
+    with tf32_scope(recipe.train.tf32):
+        return _run_trial(recipe, data_root, torch.device(device), Path(out_dir), on_epoch, progress, method)
+
+
+def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method) -> TrialResult:
     seed_everything(recipe.seed, recipe.train.deterministic)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     d = recipe.data
     root = resolve_data_root(data_root, d.root)
@@ -143,9 +193,10 @@ def run_trial(
         seed=recipe.seed,
         channels_last=recipe.train.channels_last and dev.type == "cuda",
     )
-    model_kwargs = {"num_classes": data.num_classes, "width": recipe.model.width}
-    model = build_model(recipe.model.name, **model_kwargs).to(dev)
-    method = build_method(recipe.method, label_smoothing=recipe.train.label_smoothing, seed=recipe.seed)
+    kwargs = model_kwargs(recipe.model.name, data.num_classes, recipe.model.width, **recipe.model.options)
+    model = build_model(recipe.model.name, **kwargs).to(dev)
+    if method is None:
+        method = build_method(recipe, dev)
     model = method.prepare(model, data.train).to(dev)
 
     bar = _ProgressBar(recipe.train.epochs, len(data.train)) if progress else None
@@ -175,7 +226,7 @@ def run_trial(
 
     # -- deploy, save, reload strictly, check equivalence on the validation split ----------
     deployed = method.deploy(model)
-    ckpt = {"model": recipe.model.name, "kwargs": model_kwargs, "state_dict": deployed.state_dict()}
+    ckpt = {"model": recipe.model.name, "kwargs": kwargs, "state_dict": deployed.state_dict()}
     artifacts: list[Path] = []
     deployed_path = out_dir / "deployed.pt"
     torch.save(ckpt, deployed_path)
@@ -192,7 +243,18 @@ def run_trial(
     final["deploy/flops_m"] = count_macs(plain) / 1e6
     final["deploy/params_m"] = count_params(plain) / 1e6
     final["trial_time_s"] = time.perf_counter() - t_start
-    final.update({k: float(v) for k, v in method.describe().items()})
+    numbers, tags = trainer.final_measures()
+    final.update(numbers)
+    for k, v in method.final_measures().items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            numbers[k] = final[k] = float(v)
+        else:
+            tags[k] = v if isinstance(v, str) else json.dumps(v, default=_jsonable)
+    check_measures({k: v for k, v in final.items() if k not in history[-1]}, "final", f"method {method.name}")
+    reason = learning_check(history, data.num_classes, data.n_val)
+    if reason is not None:
+        tags["not_learning"] = reason
+        log.warning("trial (seed %d) is not learning: %s", recipe.seed, reason)
 
     for name, payload in (
         ("recipe.yaml", recipe_yaml(recipe)),
@@ -202,13 +264,14 @@ def run_trial(
         p = out_dir / name
         p.write_text(payload)
         artifacts.append(p)
+    artifacts.extend(Path(a) for a in method.artifacts(out_dir))
 
     if not check["deploy/rel_err"] <= TOLERANCE:
         raise DeployMismatch(
             f"deployed model differs from the training-time model: max abs err {check['deploy/max_abs_err']:.3g}, "
             f"relative {check['deploy/rel_err']:.3g} > {TOLERANCE:g}"
         )
-    return TrialResult(final=final, history=history, artifacts=artifacts, events=list(method.events))
+    return TrialResult(final=final, history=history, artifacts=artifacts, events=list(method.events), tags=tags)
 
 
 def _jsonable(o):

@@ -12,11 +12,17 @@ import torch.nn.functional as F
 
 from repsearch.rep import (
     BRANCH_KINDS,
+    ConvBNBranch,
+    IdentityBranch,
     KxkBranch,
+    OneByOneAvgBranch,
+    OneByOneKxkBranch,
     RepBlock,
     eligible_branches,
     eligible_kinds,
     ineligibility,
+    kaiming_fan_out,
+    last_bn_gamma_abs_mean,
     make_branch,
 )
 from equivalence import assert_close, randomize_bns
@@ -55,7 +61,7 @@ def make_block(geom, kinds, bias=True, seed=0):
     block = RepBlock.from_conv(conv)
     for kind in kinds:
         if kind != "kxk":
-            block.add_branch(kind, gamma_init=0.01)
+            block.add_branch(kind, gamma_init=0.01, conv_init=kaiming_fan_out)
     randomize_bns(block)
     return conv, block.eval()
 
@@ -74,10 +80,10 @@ def test_branch_equals_its_kernel(kind, geom):
     reason = ineligibility(kind, *geom)
     if reason is not None:
         with pytest.raises(ValueError):
-            make_branch(kind, *geom)
+            make_branch(kind, *geom, gamma_init=0.01, conv_init=kaiming_fan_out)
         return
     torch.manual_seed(GEOMS.index(geom) * 10 + BRANCH_KINDS.index(kind))
-    branch = make_branch(kind, *geom)
+    branch = make_branch(kind, *geom, gamma_init=0.01, conv_init=kaiming_fan_out)
     randomize_bns(branch)
     branch.eval()
     x = torch.randn(2, cin, 7, 6)
@@ -179,15 +185,16 @@ def test_block_fuses_exactly(combo, geom):
 
 def test_add_branch_errors():
     _, block = make_block((4, 4, 3, 2, 1, 1), [])
+    init = {"gamma_init": 0.01, "conv_init": kaiming_fan_out}
     with pytest.raises(ValueError, match="already present"):
-        block.add_branch("kxk")
-    block.add_branch("1x1")
+        block.add_branch("kxk", **init)
+    block.add_branch("1x1", **init)
     with pytest.raises(ValueError, match="already present"):
-        block.add_branch("1x1")
+        block.add_branch("1x1", **init)
     with pytest.raises(ValueError, match="stride"):
-        block.add_branch("identity")
+        block.add_branch("identity", **init)
     with pytest.raises(ValueError, match="not one of"):
-        block.add_branch("5x5")
+        block.add_branch("5x5", **init)
     assert not block.eligible("identity") and block.eligible("1x1-avg")
 
 
@@ -195,7 +202,7 @@ def test_new_branch_init():
     torch.manual_seed(0)
     block = RepBlock.from_conv(nn.Conv2d(8, 8, 3, padding=1))
     for k in NON_KXK:
-        block.add_branch(k, gamma_init=0.01)
+        block.add_branch(k, gamma_init=0.01, conv_init=kaiming_fan_out)
     for k in NON_KXK:
         br = block.branches[k]
         assert torch.allclose(br.last_bn.weight, torch.full((8,), 0.01))
@@ -203,15 +210,140 @@ def test_new_branch_init():
         inner = [m for m in br.modules() if isinstance(m, nn.BatchNorm2d) and m is not br.last_bn]
         for m in inner:
             assert torch.all(m.weight == 1)
-    imp = block.branch_importance()
-    assert set(imp) == set(NON_KXK)
+    imp = block.branch_importance(lambda br, kxk: last_bn_gamma_abs_mean(br))
+    assert list(imp) == list(NON_KXK)  # canonical order
     assert all(abs(v - 0.01) < 1e-7 for v in imp.values())
-    with torch.no_grad():
-        block.kxk.bn.weight.fill_(-2.0)
-        block.branches["1x1"].last_bn.weight[:4] = 0.5
-    imp = block.branch_importance()
-    assert abs(imp["identity"] - 0.005) < 1e-7
-    assert abs(imp["1x1"] - (4 * 0.5 + 4 * 0.01) / 8 / 2) < 1e-6
+    # the DyRep rule (ratio to the kxk branch) is tested in test_dyrep.py
+
+
+# ------------------------------------------------------------------------- no method defaults in rep/
+BRANCH_CLASSES = [
+    (ConvBNBranch, ("1x1",)),
+    (OneByOneKxkBranch, ()),
+    (OneByOneAvgBranch, ()),
+    (IdentityBranch, ()),
+]
+
+
+def test_gamma_init_is_required():
+    """No DyRep γ = 0.01 default: make_branch, every branch class and add_branch need gamma_init."""
+    geom = (4, 4, 3, 1, 1, 1)
+    for kind in BRANCH_KINDS:
+        with pytest.raises(TypeError, match="gamma_init"):
+            make_branch(kind, *geom)
+        with pytest.raises(TypeError, match="gamma_init"):
+            make_branch(kind, *geom, conv_init=kaiming_fan_out)
+    for cls, lead in BRANCH_CLASSES:
+        with pytest.raises(TypeError, match="gamma_init"):
+            cls(*lead, *geom)
+        with pytest.raises(TypeError):  # keyword-only: no positional γ after the geometry
+            cls(*lead, *geom, 0.01)
+        assert cls(*lead, *geom, gamma_init=1.0).last_bn.weight.eq(1.0).all()
+    block = RepBlock.from_conv(nn.Conv2d(4, 4, 3, padding=1))
+    for kind in NON_KXK:
+        with pytest.raises(TypeError, match="gamma_init"):
+            block.add_branch(kind)
+    assert block.kinds == ("kxk",)
+    block.add_branch("1x1", gamma_init=1.0)  # conv_init may be left out (None)
+    assert torch.all(block.branches["1x1"].last_bn.weight == 1.0)
+
+
+def _branch_convs(branch):
+    return [m for m in branch.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_conv_init_none_is_pytorch_default_init():
+    """conv_init=None: exactly nn.Conv2d's own init (same values, same RNG draws), not fan-out normal."""
+    cin = cout = 64
+    torch.manual_seed(11)
+    branch = make_branch("1x1", cin, cout, 3, 1, 1, gamma_init=1.0, conv_init=None)
+    after = torch.randn(3)
+    torch.manual_seed(11)
+    ref = nn.Conv2d(cin, cout, 1, bias=False)
+    assert torch.equal(branch.conv.weight, ref.weight)
+    assert torch.equal(torch.randn(3), after)  # nothing else drawn from the RNG
+    # PyTorch's default (kaiming_uniform_, a=sqrt(5)): std 1/sqrt(3 fan_in) = 0.072;
+    # fan-out normal: std sqrt(2 / fan_out) = 0.177
+    std_default = branch.conv.weight.std().item()
+    assert abs(std_default - 1 / (3 * cin) ** 0.5) < 0.01
+    torch.manual_seed(11)
+    fan_out = make_branch("1x1", cin, cout, 3, 1, 1, gamma_init=1.0, conv_init=kaiming_fan_out)
+    std_fan_out = fan_out.conv.weight.std().item()
+    assert abs(std_fan_out - (2 / cout) ** 0.5) < 0.02
+    assert std_fan_out > 2 * std_default
+    # kaiming_fan_out = PyTorch's init, then kaiming_normal_(fan_out, relu), same RNG order
+    torch.manual_seed(11)
+    ref = nn.Conv2d(cin, cout, 1, bias=False)
+    nn.init.kaiming_normal_(ref.weight, mode="fan_out", nonlinearity="relu")
+    assert torch.equal(fan_out.conv.weight, ref.weight)
+
+
+def test_custom_conv_init_is_honoured_for_every_new_conv():
+    calls = []
+
+    def const(conv):
+        calls.append(conv)
+        conv.weight.fill_(0.25)  # called under no_grad: in-place on a Parameter is allowed
+
+    n_convs = {"kxk": 1, "1x1": 1, "1x1-kxk": 2, "1x1-avg": 1, "1xk": 1, "kx1": 1, "identity": 0}
+    for kind in BRANCH_KINDS:
+        calls.clear()
+        branch = make_branch(kind, 4, 4, 3, 1, 1, gamma_init=0.5, conv_init=const)
+        convs = _branch_convs(branch)
+        assert len(convs) == n_convs[kind] and calls == convs  # once per conv, in module order
+        assert all(torch.all(c.weight == 0.25) and c.weight.requires_grad for c in convs)
+        assert torch.all(branch.last_bn.weight == 0.5)
+    block = RepBlock.from_conv(nn.Conv2d(4, 4, 3, padding=1))
+    original = block.kxk.conv.weight.detach().clone()
+    calls.clear()
+    for kind in NON_KXK:
+        block.add_branch(kind, gamma_init=0.01, conv_init=const)
+    assert len(calls) == sum(n_convs[k] for k in NON_KXK)
+    assert torch.equal(block.kxk.conv.weight, original)  # the original conv is never re-initialised
+
+
+# ------------------------------------------------------------------------- branch importance
+def test_branch_importance_needs_a_rule_and_honours_it():
+    _, block = make_block((8, 8, 3, 1, 1, 1), NON_KXK)
+    with pytest.raises(TypeError):
+        block.branch_importance()
+    seen = []
+
+    def rule(branch, kxk):
+        seen.append((branch, kxk))
+        assert not torch.is_grad_enabled()
+        return len(branch.kind) + torch.tensor(0.5)  # tensors are converted to float
+
+    imp = block.branch_importance(rule)
+    assert imp == {k: len(k) + 0.5 for k in NON_KXK}
+    assert all(type(v) is float for v in imp.values())
+    assert [b for b, _ in seen] == [block.branches[k] for k in NON_KXK]
+    assert all(kxk is block.kxk for _, kxk in seen)
+    assert RepBlock.from_conv(nn.Conv2d(4, 4, 3, padding=1)).branch_importance(rule) == {}
+
+    def failing(branch, kxk):
+        raise ValueError("no importance for you")
+
+    with pytest.raises(ValueError, match="no importance"):
+        block.branch_importance(failing)
+
+
+def test_last_bn_gamma_abs_mean():
+    torch.manual_seed(12)
+    for kind in BRANCH_KINDS:
+        branch = make_branch(kind, 6, 6, 3, 1, 1, gamma_init=1.0)
+        randomize_bns(branch)
+        expected = branch.last_bn.weight.abs().mean().item()
+        assert last_bn_gamma_abs_mean(branch) == expected
+    # identity has its bare BN as last BN (as before): an importance like any other branch
+    ident = make_branch("identity", 6, 6, 3, 1, 1, gamma_init=-0.3)
+    assert ident.last_bn is ident.bn and abs(last_bn_gamma_abs_mean(ident) - 0.3) < 1e-7
+    # no last BN, or one without γ: ValueError
+    with pytest.raises(ValueError, match="no last BN"):
+        last_bn_gamma_abs_mean(nn.Conv2d(4, 4, 3))
+    ident.bn = nn.BatchNorm2d(6, affine=False)
+    with pytest.raises(ValueError, match="no last BN"):
+        last_bn_gamma_abs_mean(ident)
 
 
 @pytest.mark.parametrize("geom", [(8, 8, 3, 1, 1, 1), (4, 8, 5, 2, 2, 4), (6, 6, 3, 1, 0, 2), (8, 8, 3, 1, 1, 8)], ids=_ids)
@@ -266,20 +398,21 @@ def _nested_block(seed=5):
     """Outer block (8->8, K3, all kinds) whose kxk conv is a block (all kinds) and whose 1x1-kxk
     inner KxK conv is a block (padding 0: 1x1-kxk, 1x1-avg)."""
     torch.manual_seed(seed)
+    init = {"gamma_init": 0.01, "conv_init": kaiming_fan_out}
     outer = RepBlock.from_conv(nn.Conv2d(8, 8, 3, padding=1, bias=False))
     for k in NON_KXK:
-        outer.add_branch(k)
+        outer.add_branch(k, **init)
     inner = RepBlock.from_conv(outer.kxk.conv)
     outer.kxk.conv = inner
     for k in eligible_kinds(inner)[1:]:
-        inner.add_branch(k)
+        inner.add_branch(k, **init)
     conv2 = outer.branches["1x1-kxk"].conv2
     inner2 = RepBlock.from_conv(conv2)
     outer.branches["1x1-kxk"].conv2 = inner2
     kept, skipped = eligible_branches(inner2, BRANCH_KINDS)
     assert kept == ["1x1-kxk", "1x1-avg"] and "identity" in skipped
     for k in kept:
-        inner2.add_branch(k)
+        inner2.add_branch(k, **init)
     randomize_bns(outer)
     return outer.eval()
 
@@ -339,7 +472,7 @@ def test_block_modes_and_device_follow_conv():
     conv.eval()
     block = RepBlock.from_conv(conv)
     assert not block.training
-    block.add_branch("1x1")
+    block.add_branch("1x1", gamma_init=0.01, conv_init=kaiming_fan_out)
     assert not block.branches["1x1"].training
     assert block.branches["1x1"].conv.weight.dtype == torch.float64
 

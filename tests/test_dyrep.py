@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from repsearch.methods.dyrep import DyRep, recalibrate_bn
+from repsearch.methods.dyrep import DyRep, DyRepSpec, dyrep_importance
+from repsearch.methods.recalibrate import recalibrate_bn
 from repsearch.models import build_model
-from repsearch.rep import RepBlock, candidate_convs, deploy, expand, get_module, repblocks
-from repsearch.spec import DyRepSpec, TrainSpec
+from repsearch.rep import RepBlock, candidate_convs, deploy, expand, get_module, kaiming_fan_out, repblocks
+from repsearch.spec import TrainSpec
 from repsearch.train import Trainer
 from equivalence import assert_close, randomize_bns
 
@@ -91,11 +92,60 @@ def grown(seed=0):
     model = tiny_vgg()
     randomize_bns(model, torch.Generator().manual_seed(seed + 1))
     kinds = ("kxk", "1x1", "1x1-kxk", "1x1-avg", "1xk", "kx1", "identity")
-    expand(model, "features.3", kinds, gamma_init=0.01)
-    expand(model, "features.7", kinds, gamma_init=0.01)
-    expand(model, "features.3.branches.kxk.conv", kinds, gamma_init=0.01)  # nested
+    expand(model, "features.3", kinds, gamma_init=0.01, conv_init=kaiming_fan_out)
+    expand(model, "features.7", kinds, gamma_init=0.01, conv_init=kaiming_fan_out)
+    expand(model, "features.3.branches.kxk.conv", kinds, gamma_init=0.01, conv_init=kaiming_fan_out)  # nested
     randomize_bns(model, torch.Generator().manual_seed(seed + 2))
     return model
+
+
+def old_branch_importance(block):
+    """The former ``RepBlock.branch_importance()`` (DyRep's rule baked into rep/), verbatim."""
+    with torch.no_grad():
+        ref = block.kxk.bn.weight.abs().mean().item()
+        out = {}
+        for kind in block.kinds:
+            if kind == "kxk":
+                continue
+            g = block.branches[kind].last_bn.weight.abs().mean().item()
+            out[kind] = g / ref if ref > 0 else float("inf")
+        return out
+
+
+def test_dyrep_importance_matches_the_former_rule():
+    """dyrep_importance (DyRep Eq. 9 as the official code reads it) gives exactly the numbers the
+    former built-in RepBlock.branch_importance() gave, on blocks with random γs (nested included)."""
+    model = grown(seed=4)
+    blocks = repblocks(model)
+    assert len(blocks) == 3
+    for path, block in blocks.items():
+        imp = block.branch_importance(dyrep_importance)
+        assert imp == old_branch_importance(block), path  # bit-identical floats, same order
+        assert list(imp) == list(block.kinds[1:])
+        assert all(v > 0 for v in imp.values())
+    block = blocks["features.3"]
+    with torch.no_grad():
+        block.kxk.bn.weight.fill_(-2.0)
+        block.branches["1x1"].last_bn.weight.fill_(0.01)
+        block.branches["1x1"].last_bn.weight[:2] = 0.5
+        block.branches["identity"].last_bn.weight.fill_(-0.01)
+    c = block.out_channels
+    imp = block.branch_importance(dyrep_importance)
+    assert imp == old_branch_importance(block)
+    assert abs(imp["identity"] - 0.005) < 1e-7  # identity: its bare BN's γ, as before
+    assert abs(imp["1x1"] - (2 * 0.5 + (c - 2) * 0.01) / c / 2) < 1e-6
+    with torch.no_grad():
+        block.kxk.bn.weight.zero_()
+    imp = block.branch_importance(dyrep_importance)
+    assert imp == old_branch_importance(block) and all(v == float("inf") for v in imp.values())
+
+
+def test_dep_uses_dyrep_importance():
+    model = grown(seed=5)
+    scanned = {p: old_branch_importance(b) for p, b in repblocks(model).items()}
+    method = DyRep(DyRepSpec(dep_threshold=1e9))  # never cut: only the scan
+    method.dep(model, epoch=1, exempt=set())
+    assert method.events[-1]["kind"] == "dep_scan" and method.events[-1]["importances"] == scanned
 
 
 def set_importance(block, values):

@@ -1,5 +1,6 @@
 """End to end through the real CLI on real CIFAR-10 (tiny overrides of the smoke profile): the
-whole ablation sweep, the stores it leaves, re-running, and a sweep killed with SIGKILL."""
+whole ablation sweep, the stores it leaves, re-running, and sweeps killed with SIGKILL: mid-trial,
+and in the windows around creating a trial's MLflow child run."""
 
 import json
 import os
@@ -112,34 +113,56 @@ def test_rerun_adds_nothing(finished_sweep, data_root):
     assert len(parents) == 1 and len(children) == 7
 
 
+def _running_trial_with_a_logged_epoch(runs: Path, handles: dict):
+    """The RUNNING trial (from the third on) whose MLflow child run exists and has logged its first
+    epoch (``val/top1``), or None. Reads both SQLite stores without creating or writing anything;
+    a store that is absent, half created or locked right now reads as "not yet"."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        if "storage" not in handles:
+            if not (runs / "optuna.db").is_file():
+                return None
+            handles["storage"] = optuna.storages.RDBStorage(
+                f"sqlite:///{runs / 'optuna.db'}", skip_table_creation=True, skip_compatibility_check=True)
+        storage = handles["storage"]
+        (study,) = storage.get_all_studies()
+        trials = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        running = [t for t in trials if t.number >= 2 and t.user_attrs.get("mlflow_run_id")]
+        if not running:
+            return None
+        if "mlflow" not in handles:  # the child run exists, so the MLflow store is fully created
+            handles["mlflow"] = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+        if not handles["mlflow"].get_metric_history(running[0].user_attrs["mlflow_run_id"], "val/top1"):
+            return None
+        return running[0]
+    except Exception:  # absent, half created or locked: try again
+        return None
+
+
 def test_sigkill_mid_trial_then_rerun_runs_the_killed_point_only(tmp_path, data_root):
     runs = tmp_path / "runs"
-    epochs = 6  # a few seconds per trial, so the poll below sees one RUNNING
+    epochs = 6  # several epochs per trial: the kill lands after the first one, long before the trial ends
     proc = subprocess.Popen(cli(runs, data_root, epochs=epochs), cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     killed = None
-    storage = None
+    handles: dict = {}
     deadline = time.time() + 600
     try:
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
-            try:
-                if storage is None:
-                    storage = optuna.storages.RDBStorage(f"sqlite:///{runs / 'optuna.db'}")
-                (study,) = storage.get_all_studies()
-                trials = storage.get_all_trials(study._study_id, deepcopy=False)
-            except Exception:  # the storage or the study does not exist yet
-                continue
-            running = [t for t in trials if t.state == TrialState.RUNNING and t.number >= 2]
-            if running:
+            # kill only once the RUNNING trial's child run exists and has logged an epoch: killing
+            # as soon as a trial is RUNNING can land before its child run is created (another window,
+            # tested below), and then no run is KILLED
+            killed = _running_trial_with_a_logged_epoch(runs, handles)
+            if killed is not None:
                 os.kill(proc.pid, signal.SIGKILL)
-                killed = running[0]
                 break
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    assert killed is not None, "never saw a trial from the third on running"
+    assert killed is not None, "never saw a trial from the third on running with a logged epoch"
     k = killed.number
     before = {t.number: t.state for t in study_of(runs).get_trials(deepcopy=False)}
     assert all(before[i] == TrialState.COMPLETE for i in range(k)) and before[k] == TrialState.RUNNING
@@ -157,3 +180,68 @@ def test_sigkill_mid_trial_then_rerun_runs_the_killed_point_only(tmp_path, data_
     assert len(parents) == 1
     statuses = sorted(c.info.status for c in children)
     assert statuses.count("KILLED") == 1 and statuses.count("FINISHED") == 7
+
+
+#: Runs the real CLI in a worker that SIGKILLs itself at the third call of Tracker.start_trial (the
+#: third trial's MLflow child run): "before" creating the run (the trial is RUNNING in Optuna, no run
+#: exists) or right "after" it (the run is RUNNING, its id not yet recorded in the trial).
+WINDOW_KILL = """
+import os, signal, sys
+from repsearch.tracking import Tracker
+from repsearch.cli import main
+
+window = sys.argv[1]
+original = Tracker.start_trial
+calls = []
+
+def start_trial(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        if window == "after":
+            original(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, *args, **kwargs)
+
+Tracker.start_trial = start_trial
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("window", ["before", "after"])
+def test_sigkill_around_creating_the_child_run_then_rerun_leaves_no_orphan_run(tmp_path, data_root, window):
+    runs = tmp_path / "runs"
+    args = cli(runs, data_root)
+    assert args[1:3] == ["-m", "repsearch"]
+    proc = subprocess.run([sys.executable, "-c", WINDOW_KILL, window] + args[3:], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=900)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    trials = study_of(runs).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.RUNNING] + [TrialState.WAITING] * 4
+    killed = trials[2]
+    assert "mlflow_run_id" not in killed.user_attrs
+    _, parents, children = mlflow_runs(runs)
+    assert len(parents) == 1
+    assert sorted(c.info.status for c in children) == ["FINISHED"] * 2 + ["RUNNING"] * (window == "after")
+
+    done = subprocess.run(cli(runs, data_root), capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = study_of(runs).get_trials(deepcopy=False)
+    assert trials[2].state == TrialState.FAIL and "is gone" in trials[2].user_attrs["error"]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 7 and len({t.user_attrs["point"] for t in complete}) == 7
+    assert len(trials) == 8  # the killed point ran again, nothing else twice
+    again = [t for t in complete if t.user_attrs["point"] == killed.user_attrs["point"]]
+    assert len(again) == 1 and again[0].number > killed.number
+    client, parents, children = mlflow_runs(runs)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    statuses = sorted(c.info.status for c in children)
+    assert "RUNNING" not in statuses  # no orphan run that nobody finishes
+    assert statuses.count("FINISHED") == 7
+    assert {c.data.tags["point"] for c in children if c.info.status == "FINISHED"} == {t.user_attrs["point"] for t in complete}
+    if window == "after":  # the run created before the kill was found by its tags and marked KILLED
+        assert statuses == ["FINISHED"] * 7 + ["KILLED"]
+        (orphan,) = [c for c in children if c.info.status == "KILLED"]
+        assert orphan.data.tags["optuna.trial_number"] == str(killed.number)
+        assert orphan.data.tags["point"] == killed.user_attrs["point"] and "orphan" in orphan.data.tags["killed"]
+    else:
+        assert statuses == ["FINISHED"] * 7

@@ -17,14 +17,17 @@ from repsearch.report import (
     comparison_table,
     format_stat,
     mean_std,
+    not_learning_warnings,
     rows_from_trials,
 )
 
 
-def _trial(number, point, seed, state=TrialState.COMPLETE, **final):
+def _trial(number, point, seed, state=TrialState.COMPLETE, tags=None, **final):
     attrs = {"point": point, "seed": seed}
     if final:
         attrs["final"] = final
+    if tags is not None:
+        attrs["tags"] = tags
     return SimpleNamespace(number=number, state=state, user_attrs=attrs)
 
 
@@ -87,3 +90,35 @@ def test_best_row_by_validation_and_pareto_table():
     front = ParetoFront([ParetoEntry(3, "method.scoring=snip", 0, {"val/top1": 90.0, "avg_flops_m": 10.0})])
     text = _render(front)
     assert "Pareto front" in text and "avg_flops_m" in text and "method.scoring=snip" in text and "90" in text
+
+
+def test_not_learning_trials_are_marked_and_warned_about():
+    reason = "train/loss within 1% of ln(10) for epochs 2-4"
+    trials = [
+        _trial(0, "method.scoring=snip", 0, tags={"precision": "fp32", "not_learning": reason}, **{"val/top1": 10.0}),
+        _trial(1, "method.scoring=snip", 1, tags={"precision": "fp32"}, **{"val/top1": 90.0}),
+        _trial(2, "method.scoring=snip", 2, tags={"not_learning": "stale"}, state=TrialState.FAIL),  # failed, then re-run:
+        _trial(3, "method.scoring=snip", 2, tags={"not_learning": "val/top1 at chance"}, **{"val/top1": 10.5}),
+        _trial(4, "method.space=[kxk, 1x1]", 0, tags={}, **{"val/top1": 80.0}),
+        _trial(5, "baseline:method.name=origin", 0, **{"val/top1": 85.0}),  # no tags recorded (older study)
+        _trial(6, "baseline:method.name=origin", 1, state=TrialState.PRUNED, tags={"not_learning": "pruned anyway"}),
+    ]
+    snip, space, origin = rows_from_trials(trials)
+    assert snip.n == 3 and snip.not_learning == [(0, reason), (2, "val/top1 at chance")]
+    assert space.not_learning == [] and origin.not_learning == [] and origin.n_pruned == 1
+    assert not_learning_warnings([snip, space, origin]) == [
+        f"warning: method.scoring=snip seed 0: not learning ({reason})",
+        "warning: method.scoring=snip seed 2: not learning (val/top1 at chance)",
+    ]
+    assert not_learning_warnings([space, origin]) == []
+
+    table = comparison_table([snip, space, origin])
+    n_cells = list(table.columns[-1].cells)
+    assert str(n_cells[0]) == "3 (2 not learning)" and n_cells[0].style == "yellow"
+    assert n_cells[1] == "1" and n_cells[2] == "1 (1 pruned)"
+    text = _render(table)
+    snip_line = next(line for line in text.splitlines() if "method.scoring=snip" in line)
+    assert "3 (2 not learning)" in snip_line
+    assert "method.space=[kxk, 1x1]" in text  # configuration ids are not read as rich markup
+    origin_line = next(line for line in text.splitlines() if "origin" in line)
+    assert "not learning" not in origin_line

@@ -7,6 +7,7 @@ first principles with torch.autograd.grad / finite differences, never through re
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -16,16 +17,23 @@ from torch import nn
 
 from repsearch import scoring
 from repsearch.scoring import (
+    DEFAULT_VOTERS,
     FREE_METRICS,
     METRICS,
     STEP_METRICS,
+    VOTE_RULE,
     SaliencyAccumulator,
+    check_voters,
     grasp_scores,
     random_scores,
     register_metric,
     select_op,
+    step_metrics_for,
     vote_scores,
 )
+
+#: The pre-DEFAULT_VOTERS rule: grasp votes too (it duplicates grad_norm on conv-BN nets).
+FOUR_VOTERS = ["grad_norm", "snip", "grasp", "synflow"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,7 +503,7 @@ def test_select_op_free_metrics_and_random():
 def test_select_op_grasp_and_vote():
     torch.manual_seed(10)
     model = Tiny(act=nn.Tanh, dtype=torch.float64)
-    acc = _trained_accumulator(model, STEP_METRICS("vote"))
+    acc = _trained_accumulator(model, step_metrics_for("vote", FOUR_VOTERS))
     probes = make_batches(2, dtype=torch.float64, seed=12)
     calls = []
 
@@ -508,18 +516,25 @@ def test_select_op_grasp_and_vote():
     assert scores == grasp_scores(model, model.ops(), probes, F.cross_entropy)
     assert best == _argmax(scores)
 
-    calls.clear()
-    best, scores, details = select_op("vote", acc, model, model.ops(), probe_fn, F.cross_entropy, None)
-    assert len(calls) == 1
-    assert set(details["winners"]) == {"grad_norm", "snip", "grasp", "synflow"}
     avg = acc.averages()
-    for m in ("grad_norm", "snip", "synflow"):
-        assert details["winners"][m] == _argmax(avg[m])
-    votes = {op: sum(w == op for w in details["winners"].values()) for op in model.ops()}
-    top = max(votes.values())
-    tied = [op for op in model.ops() if votes[op] == top]
-    assert best == max(tied, key=lambda op: avg["synflow"][op])
-    assert best == _argmax(scores)
+    for voters in (FOUR_VOTERS, None):  # None: DEFAULT_VOTERS (no grasp, no probe batches)
+        calls.clear()
+        best, scores, details = select_op(
+            "vote", acc, model, model.ops(), probe_fn, F.cross_entropy, None, voters=voters
+        )
+        expected_voters = FOUR_VOTERS if voters else list(DEFAULT_VOTERS)
+        assert len(calls) == (1 if voters else 0)
+        assert list(details["winners"]) == expected_voters
+        assert details["vote"]["voters"] == expected_voters
+        for m in ("grad_norm", "snip", "synflow"):
+            assert details["winners"][m] == _argmax(avg[m])
+        votes = {op: sum(w == op for w in details["winners"].values()) for op in model.ops()}
+        assert details["vote"]["votes"] == votes
+        top = max(votes.values())
+        tied = [op for op in model.ops() if votes[op] == top]
+        assert best == max(tied, key=lambda op: avg["synflow"][op])
+        assert best == _argmax(scores)
+        json.dumps(details)  # the event log must be able to store it
 
 
 def test_register_metric(monkeypatch):
@@ -555,3 +570,270 @@ def test_bf16_weights_accumulate_in_fp32():
     assert avg["snip"]["conv3"] == pytest.approx(float((g * w).abs().sum()), rel=2e-2)
     assert avg["grad_norm"]["conv3"] == pytest.approx(float(g.norm()), rel=2e-2)
     assert all(math.isfinite(v) for m in avg.values() for v in m.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Configurable voters (grasp duplicates grad_norm on conv-BN, so it is not a default voter)
+# ------------------------------------------------------------------------------------------------
+
+
+def _abc_scores(ops):
+    """grad_norm and grasp top A, snip top B, synflow top C (ranking C > B > A > rest)."""
+    a, b, c = ops[:3]
+    rest = ops[3:]
+
+    def mk(top, second=None):
+        d = {p: 0.1 for p in ops}
+        if second is not None:
+            d[second] = 0.5
+        d[top] = 1.0
+        return d
+
+    return {
+        "grad_norm": mk(a),
+        "snip": mk(b),
+        "grasp": mk(a),
+        "synflow": {a: 0.2, b: 0.3, c: 0.9, **{p: -1.0 for p in rest}},
+    }
+
+
+def test_default_voters_do_not_count_grad_norm_twice():
+    assert DEFAULT_VOTERS == ("grad_norm", "snip", "synflow")
+    ops = ["a", "b", "c", "d"]
+    pm = _abc_scores(ops)
+    # the old 4-voter rule: grad_norm and grasp give A two votes, A wins
+    old, winners = vote_scores({m: pm[m] for m in FOUR_VOTERS})
+    assert winners == {"grad_norm": "a", "snip": "b", "grasp": "a", "synflow": "c"}
+    assert _argmax(old) == "a"
+    # the default voters: 1-1-1, broken by synflow's rank -> C
+    new, winners = vote_scores({m: pm[m] for m in DEFAULT_VOTERS})
+    assert winners == {"grad_norm": "a", "snip": "b", "synflow": "c"}
+    assert _argmax(new) == "c"
+    assert new["c"] > new["b"] > new["a"] > new["d"]
+
+
+def test_default_voters_end_to_end_with_accumulator_and_real_grasp():
+    """select_op on a real SaliencyAccumulator (averages set through its state) and real grasp."""
+    torch.manual_seed(13)
+    model = Tiny(act=nn.Tanh, dtype=torch.float64)
+    ops = model.ops()
+    probes = make_batches(2, dtype=torch.float64, seed=14)
+    grasp = grasp_scores(model, ops, probes, F.cross_entropy)
+    a = _argmax(grasp)
+    b, c = [p for p in ops if p != a][:2]
+    order = [a, b, c] + [p for p in ops if p not in (a, b, c)]
+    pm = _abc_scores(order)
+    assert _argmax(pm["grad_norm"]) == a == _argmax(grasp)
+
+    acc = SaliencyAccumulator(ops, step_metrics_for("vote", FOUR_VOTERS))
+    assert acc.metrics == ("grad_norm", "snip", "synflow")
+    n = 3
+    rows = [[pm[m][p] * n for p in ops] for m in acc.metrics]  # sums over n steps
+    acc.load_state_dict(
+        {"paths": list(ops), "metrics": list(acc.metrics), "sum": torch.tensor(rows, dtype=torch.float64),
+         "count": torch.tensor(float(n), dtype=torch.float64), "n_steps": n}
+    )
+
+    def probe_fn():
+        return iter(probes)
+
+    best, scores, details = select_op(
+        "vote", acc, model, ops, probe_fn, F.cross_entropy, None, voters=FOUR_VOTERS
+    )
+    assert best == a and details["winners"]["grasp"] == a and details["winners"]["grad_norm"] == a
+    assert details["per_metric"]["grasp"] == grasp
+
+    def no_probe():
+        raise AssertionError("the default voters need no probe batches")
+
+    best, scores, details = select_op("vote", acc, model, ops, no_probe, F.cross_entropy, None)
+    assert best == c
+    assert details["winners"] == {"grad_norm": a, "snip": b, "synflow": c}
+    assert details["vote"]["voters"] == ["grad_norm", "snip", "synflow"]
+    assert details["vote"]["tiebreak"] == "synflow" and details["vote"]["rule"] == VOTE_RULE
+    assert details["vote"]["votes"] == {p: int(p in (a, b, c)) for p in ops}
+    assert details["per_metric"]["synflow"] == pytest.approx(pm["synflow"])
+    assert details["n_steps"] == n
+    json.dumps(details)
+
+
+def test_synflow_breaks_ties_even_when_not_a_voter():
+    ops = ["a", "b", "c", "d"]
+    pm = {"grad_norm": dict(zip(ops, [5.0, 1.0, 0.0, 0.0])), "snip": dict(zip(ops, [1.0, 5.0, 0.0, 0.0]))}
+    synflow = dict(zip(ops, [0.1, 0.2, 0.9, 0.0]))  # top is c (no votes); ranks b above a
+    scores, winners = vote_scores(pm, tiebreak_scores=synflow)
+    assert winners == {"grad_norm": "a", "snip": "b"}
+    assert _argmax(scores) == "b"
+    assert scores["b"] > scores["a"] > scores["c"] > scores["d"]
+    # without synflow scores there is no tie-break
+    with pytest.raises(ValueError, match="synflow"):
+        vote_scores(pm)
+
+    # through select_op with a real accumulator: synflow accumulated (step_metrics_for adds it)
+    # although it does not vote. Averages set through the accumulator's state:
+    torch.manual_seed(15)
+    model = Tiny()
+    voters = ["grad_norm", "snip"]
+    metrics = step_metrics_for("vote", voters)
+    assert metrics == ("grad_norm", "snip", "synflow")
+    acc = SaliencyAccumulator(model.ops(), metrics)
+    avg = {
+        "grad_norm": {"conv1": 5.0, "conv2": 1.0, "conv3": 0.0, "unused": 0.0},  # conv1
+        "snip": {"conv1": 1.0, "conv2": 5.0, "conv3": 0.0, "unused": 0.0},  # conv2
+        "synflow": {"conv1": 1e-7, "conv2": 2e-7, "conv3": 0.03, "unused": 0.0},  # conv3 > conv2 > conv1
+    }
+    acc.load_state_dict(
+        {"paths": list(model.ops()), "metrics": list(metrics),
+         "sum": torch.tensor([list(avg[m].values()) for m in metrics], dtype=torch.float64),
+         "count": torch.tensor(1.0, dtype=torch.float64), "n_steps": 1}
+    )
+    best, scores, details = select_op("vote", acc, model, model.ops(), None, None, None, voters=voters)
+    assert details["winners"] == {"grad_norm": "conv1", "snip": "conv2"}
+    assert list(details["per_metric"]) == voters
+    assert details["vote"]["voters"] == voters
+    assert details["vote"]["tiebreak_scores"] == avg["synflow"]
+    assert best == "conv2" == _argmax(scores)  # 1-1 tie, synflow ranks conv2 above conv1
+    # with synflow voting too it is 1-1-1 and synflow's own top wins
+    best3, _, _ = select_op("vote", acc, model, model.ops(), None, None, None, voters=voters + ["synflow"])
+    assert best3 == "conv3"
+    # an accumulator without synflow cannot break ties: a clear error, not a silent choice
+    acc2 = _trained_accumulator(model, ("grad_norm", "snip"), 1)
+    with pytest.raises(ValueError, match="synflow"):
+        select_op("vote", acc2, model, model.ops(), None, None, None, voters=voters)
+
+
+def test_random_and_grasp_may_vote():
+    torch.manual_seed(16)
+    model = Tiny(act=nn.Tanh, dtype=torch.float64)
+    acc = _trained_accumulator(model, step_metrics_for("vote", ["random", "grasp"]))
+    assert acc.metrics == ("synflow",)
+    probes = make_batches(1, dtype=torch.float64, seed=17)
+    runs = [
+        select_op("vote", acc, model, model.ops(), lambda: probes, F.cross_entropy,
+                  torch.Generator().manual_seed(3), voters=("random", "grasp"))
+        for _ in range(2)
+    ]
+    assert runs[0][:2] == runs[1][:2]
+    assert runs[0][2]["vote"]["voters"] == ["random", "grasp"]
+
+
+def test_check_voters():
+    assert check_voters(None) == DEFAULT_VOTERS
+    assert check_voters(["synflow", "grasp"]) == ("synflow", "grasp")
+    assert check_voters(("random",)) == ("random",)
+    cases = {
+        "empty": ([], "empty"),
+        "duplicate": (["snip", "grad_norm", "snip"], "duplicate"),
+        "unknown": (["snip", "sinflow"], "sinflow"),
+        "vote": (["snip", "vote"], "vote"),
+        "string": ("snip", "list"),
+    }
+    for name, (voters, word) in cases.items():
+        with pytest.raises(ValueError) as e:
+            check_voters(voters)
+        msg = str(e.value)
+        assert word in msg and "\n" not in msg, (name, msg)
+    with pytest.raises(ValueError) as e:
+        check_voters(["sinflow"])
+    for m in ("random", "grad_norm", "snip", "grasp", "synflow"):
+        assert m in str(e.value)
+    # the same validation guards select_op, step_metrics_for and SelectionContext
+    model = Tiny()
+    acc = _trained_accumulator(model, STEP_METRICS("vote"), 1)
+    for bad in ([], ["vote"], ["snip", "snip"]):
+        with pytest.raises(ValueError):
+            select_op("vote", acc, model, model.ops(), None, None, None, voters=bad)
+        with pytest.raises(ValueError):
+            step_metrics_for("vote", bad)
+        with pytest.raises(ValueError):
+            scoring.SelectionContext(acc, model, model.ops(), None, None, None, voters=bad)
+
+
+def test_step_metrics_for():
+    gg = step_metrics_for("vote", ["grad_norm", "grasp"])
+    assert "synflow" in gg and "grad_norm" in gg and "snip" not in gg
+    assert gg == ("grad_norm", "synflow")
+    assert step_metrics_for("vote") == STEP_METRICS("vote") == ("grad_norm", "snip", "synflow")
+    assert step_metrics_for("vote", ["synflow"]) == ("synflow",)
+    for m in METRICS:
+        assert step_metrics_for(m) == STEP_METRICS(m)
+    assert step_metrics_for("snip", ["grasp"]) == ("snip",)  # voters only matter for vote
+    with pytest.raises(ValueError):
+        step_metrics_for("sinflow")
+
+
+# ------------------------------------------------------------------------------------------------
+# Conv-BN identities (float64): synflow is BN's ε term, grasp is ‖g‖²
+# ------------------------------------------------------------------------------------------------
+
+
+class ConvBN(nn.Module):
+    """conv(bias=False) - BN(train, eps) - act [- conv - BN - act] - GAP - linear, float64."""
+
+    def __init__(self, eps: float, n_convs: int = 1, act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        chans = [3, 4, 5, 6][: n_convs + 1]
+        self.convs = nn.ModuleList(
+            nn.Conv2d(i, o, 3, padding=1, bias=False) for i, o in zip(chans, chans[1:])
+        )
+        self.bns = nn.ModuleList(nn.BatchNorm2d(o, eps=eps) for o in chans[1:])
+        self.act = act()
+        self.head = nn.Linear(chans[-1], 5)
+        with torch.no_grad():
+            for bn in self.bns:
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+        self.double().train()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, bn in zip(self.convs, self.bns):
+            x = self.act(bn(conv(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-5])
+def test_synflow_is_bn_eps_term(eps):
+    # y = γ(x−μ)/sqrt(σ²+ε)+β, x = conv(θ): dy/dα(θ→αθ) at α=1 = (y−β)·ε/(σ²+ε), hence
+    # Σ θ⊙g = Σ_c ε/(σ_c²+ε) Σ_{n,h,w} ∂L/∂y·(y−β) = Σ_c ε/(σ_c²+ε)·γ_c·∂L/∂γ_c (exact).
+    torch.manual_seed(18)
+    model = ConvBN(eps)
+    conv, bn = model.convs[0], model.bns[0]
+    g = torch.Generator().manual_seed(19)
+    x = torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (8,), generator=g)
+    var = conv(x).detach().var(dim=(0, 2, 3), unbiased=False)  # BN's biased batch variance
+    g_theta, g_gamma = torch.autograd.grad(F.cross_entropy(model(x), y), [conv.weight, bn.weight])
+    theta, gamma = conv.weight.detach(), bn.weight.detach()
+    lhs = float((g_theta * theta).sum())
+    rhs = float((eps / (var + eps) * gamma * g_gamma).sum())
+    snip = float((g_theta * theta).abs().sum())
+    assert abs(rhs) > 1e-3 * eps * snip  # the identity is not a trivial 0 = 0
+    # 1e-10 relative; plus float64 rounding of the cancelling sum (~1e-16 of snip, which matters
+    # only at the smaller eps, where the term is ~2e-6 of snip)
+    tol = 1e-10 * abs(rhs) + 1e-14 * snip
+    assert abs(lhs - rhs) <= tol, (lhs, rhs, snip)
+    # the accumulator's synflow (float64 sum) is the same number
+    acc = SaliencyAccumulator({"conv": conv}, ("synflow",))
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    acc.step()
+    assert abs(acc.averages()["synflow"]["conv"] - rhs) <= tol
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+def test_grasp_is_grad_norm_squared_on_conv_bn(act):
+    # BN makes L invariant to each kernel's scale (ε -> 0): H_oo θ_o = −g_o, H_o'o θ_o = 0, so
+    # GraSP's −θ_o·(Hg)_o = ‖g_o‖² (why grasp is not a default voter).
+    torch.manual_seed(20)
+    model = ConvBN(1e-8, n_convs=3, act=act)
+    ops = {f"conv{i}": c for i, c in enumerate(model.convs)}
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64)
+    batch = (x, torch.randint(0, 5, (8,), generator=g))
+    grads = torch.autograd.grad(F.cross_entropy(model(batch[0]), batch[1]), [c.weight for c in ops.values()])
+    sq = {p: float((gr**2).sum()) for p, gr in zip(ops, grads)}
+    got = grasp_scores(model, ops, [batch], F.cross_entropy)
+    for p in ops:
+        assert sq[p] > 0
+        assert got[p] == pytest.approx(sq[p], rel=1e-4), (p, got[p], sq[p])
+    assert _argmax(got) == _argmax(sq)

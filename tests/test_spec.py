@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
+from repsearch.methods.dyrep import DyRepSpec
 from repsearch.spec import (
-    DyRepSpec,
     RecipeError,
     apply_overrides,
     load_recipe,
@@ -57,7 +57,7 @@ def test_yaml_1_1_float_strings_are_converted():
 
 
 def test_unknown_method_space_and_branch():
-    assert "method.name: 'dyrop' is not one of origin, static, dyrep" in err({"method": {"name": "dyrop"}})
+    assert "method.name: 'dyrop' is not one of origin, dyrep, static" in err({"method": {"name": "dyrop"}})
     msg = err({"method": {"name": "dyrep", "space": "dbbb"}})
     assert "method.space" in msg and "dbb" in msg and "repvgg" in msg
     msg = err({"method": {"name": "dyrep", "space": ["kxk", "3x3"]}})
@@ -155,3 +155,97 @@ def test_grid_across_methods_drops_the_other_methods_fields():
     # a typo is still an error, not dropped
     msg = err({"sweep": {"baselines": [{"method.name": "static", "method.spcae": "acb"}]}})
     assert "sweep.baselines[0]" in msg and "spcae" in msg
+
+
+def test_adding_a_field_with_a_default_keeps_every_study_name():
+    """DESIGN.md sweeps contract: the hash leaves out fields equal to their defaults, so a release that
+    adds a field with a default renames no study."""
+    from pathlib import Path
+
+    from pydantic import Field
+
+    from repsearch.spec import DataSpec, Recipe, TrainSpec, resolve_dict, read_recipe_file
+
+    class TrainPlus(TrainSpec):
+        fp64_master_weights: bool = False
+
+    class DataPlus(DataSpec):
+        jitter: float = 0.0
+
+    class RecipePlus(Recipe):
+        train: TrainPlus = Field(default_factory=TrainPlus)
+        data: DataPlus = Field(default_factory=DataPlus)
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    names = set()
+    for path in sorted(root.glob("*.yaml")):
+        raw = read_recipe_file(path)
+        for profile in [None, *raw.get("profiles", {})]:
+            d = resolve_dict(raw, str(path), profile)
+            old, new = Recipe.model_validate(d), RecipePlus.model_validate(d)
+            assert new.train.fp64_master_weights is False
+            assert study_name(path, profile, old) == study_name(path, profile, new)
+            names.add(study_name(path, profile, old))
+            d["train"] = {**d.get("train", {}), "fp64_master_weights": True}
+            assert study_name(path, profile, RecipePlus.model_validate(d)) != study_name(path, profile, old)
+    assert len(names) >= 4
+
+
+def test_hash_keeps_the_method_name_and_non_default_values():
+    origin = validate_dict({"method": {"name": "origin"}}, "x")
+    dyrep = validate_dict({"method": {"name": "dyrep"}}, "x")
+    static = validate_dict({"method": {"name": "static"}}, "x")
+    assert len({recipe_hash(origin), recipe_hash(dyrep), recipe_hash(static)}) == 3
+    # writing a default explicitly is the same recipe
+    assert recipe_hash(validate_dict({"method": {"name": "dyrep", "interval": 15}, "train": {"lr": 0.1}}, "x")) == recipe_hash(dyrep)
+    assert recipe_hash(validate_dict({"method": {"name": "dyrep", "interval": 14}}, "x")) != recipe_hash(dyrep)
+
+
+def test_empty_recipe_is_one_line_error(tmp_path):
+    for text in ("", "# only a comment\n# and another\n", "{}\n"):
+        p = tmp_path / "empty.yaml"
+        p.write_text(text)
+        with pytest.raises(RecipeError) as info:
+            load_recipe(p)
+        assert str(info.value) == f"{p}: the recipe is empty; a recipe is a mapping of sections (data, model, method, train, sweep, ...)"
+
+
+def test_train_optimizer_clip_and_precision_fields():
+    r = validate_dict({"train": {"optimizer": "adamw", "betas": [0.8, 0.99], "eps": 1.0e-6, "grad_clip": 5.0, "tf32": True}}, "x")
+    assert r.train.optimizer == "adamw" and r.train.betas == (0.8, 0.99) and r.train.grad_clip == 5.0 and r.train.tf32
+    d = validate_dict({}, "x").train
+    assert d.tf32 is False and d.grad_clip is None and d.optimizer == "sgd"
+    assert "train.optimizer: 'adam' is not one of sgd, adamw" in err({"train": {"optimizer": "adam"}})
+    assert "betas" in err({"train": {"betas": [0.9, 1.5]}})
+    assert "train.grad_clip" in err({"train": {"grad_clip": -1}})
+
+
+def test_model_options_are_checked_against_the_constructor(monkeypatch):
+    import repsearch.models as models
+    from torch import nn
+
+    def toy(num_classes: int = 10, width: float = 1.0, stem_stride: int = 2) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3, stem_stride), nn.Flatten(), nn.LazyLinear(num_classes))
+
+    monkeypatch.setitem(models.MODELS, "toy", toy)
+    r = validate_dict({"model": {"name": "toy", "stem_stride": "1"}}, "x")
+    assert r.model.stem_stride == 1 and r.model.options == {"stem_stride": 1}
+    assert models.model_kwargs("toy", 10, 0.5, **r.model.options) == {"num_classes": 10, "width": 0.5, "stem_stride": 1}
+    # every constructor argument is stored, defaults included
+    assert models.model_kwargs("toy", 10) == {"num_classes": 10, "width": 1.0, "stem_stride": 2}
+    msg = err({"model": {"name": "toy", "stem": 1}})
+    assert "model: unknown key 'stem' for model toy; allowed keys: name, width, stem_stride" in msg
+    assert "stem_stride" in err({"model": {"name": "toy", "stem_stride": "two"}})
+    assert "unknown key 'stem_stride' for model vgg16" in err({"model": {"name": "vgg16", "stem_stride": 1}})
+    # an option changes the study hash; its default value written out does not
+    assert recipe_hash(validate_dict({"model": {"name": "toy", "stem_stride": 1}}, "x")) != recipe_hash(
+        validate_dict({"model": {"name": "toy"}}, "x"))
+
+
+def test_voters_field():
+    r = validate_dict({"method": {"name": "dyrep", "scoring": "vote"}}, "x")
+    assert r.method.voters == ["grad_norm", "snip", "synflow"]
+    r = validate_dict({"method": {"name": "dyrep", "scoring": "vote", "voters": ["grad_norm", "snip", "grasp", "synflow"]}}, "x")
+    assert "grasp" in r.method.voters
+    assert "method.voters" in err({"method": {"name": "dyrep", "voters": ["snip", "sinflow"]}})
+    assert "method.voters" in err({"method": {"name": "dyrep", "voters": ["vote"]}})

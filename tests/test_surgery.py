@@ -20,6 +20,7 @@ from repsearch.rep import (
     expand,
     fuse_blocks,
     get_module,
+    kaiming_fan_out,
     nesting_depth,
     repblocks,
     set_module,
@@ -69,14 +70,14 @@ class Residual(nn.Module):
         return torch.relu(self.bn2(self.conv2(y)) + self.bn_short(self.short(x)))
 
 
-def grown_tinynet(seed=0, gamma_init=1.0):
+def grown_tinynet(seed=0, gamma_init=1.0, conv_init=kaiming_fan_out):
     """TinyNet with every candidate conv expanded to the DyRep space, plus two nested blocks."""
     torch.manual_seed(seed)
     model = TinyNet()
     for path in list(candidate_convs(model)):
-        expand(model, path, BRANCH_KINDS, gamma_init=gamma_init)
-    expand(model, "features.3.branches.kxk.conv", BRANCH_KINDS, gamma_init=gamma_init)
-    expand(model, "features.6.branches.1x1-kxk.conv2", BRANCH_KINDS, gamma_init=gamma_init)
+        expand(model, path, BRANCH_KINDS, gamma_init=gamma_init, conv_init=kaiming_fan_out)
+    expand(model, "features.3.branches.kxk.conv", BRANCH_KINDS, gamma_init=gamma_init, conv_init=kaiming_fan_out)
+    expand(model, "features.6.branches.1x1-kxk.conv2", BRANCH_KINDS, gamma_init=gamma_init, conv_init=kaiming_fan_out)
     randomize_bns(model)
     return model.eval()
 
@@ -98,14 +99,14 @@ def test_conv_bn_pairs_fx_and_fallback():
     model = TinyNet()
     expected = [("features.0", "features.1"), ("features.3", "features.4"), ("features.6", "features.7")]
     assert conv_bn_pairs(model) == expected
-    expand(model, "features.3", ["1x1"])
+    expand(model, "features.3", ["1x1"], gamma_init=0.01, conv_init=kaiming_fan_out)
     assert conv_bn_pairs(model) == expected  # a RepBlock pairs like the conv it replaced
     res = Residual()
     assert set(conv_bn_pairs(res)) == {("conv1", "bn1"), ("conv2", "bn2"), ("short", "bn_short")}
     branchy = Residual(branchy=True)  # not traceable: registration order
     with pytest.raises(Exception):
         torch.fx.symbolic_trace(branchy)
-    expand(branchy, "conv2", ["1x1"])
+    expand(branchy, "conv2", ["1x1"], gamma_init=0.01, conv_init=kaiming_fan_out)
     assert set(conv_bn_pairs(branchy)) == {("conv1", "bn1"), ("conv2", "bn2"), ("short", "bn_short")}
     # a conv whose output goes elsewhere than a BN is not paired
     seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
@@ -116,7 +117,9 @@ def test_candidates_and_depth():
     torch.manual_seed(0)
     model = TinyNet()
     assert list(candidate_convs(model)) == ["features.0", "features.3", "features.6"]
-    block, added, skipped = expand(model, "features.3", ["1x1", "1x1-kxk", "identity"])
+    block, added, skipped = expand(
+        model, "features.3", ["1x1", "1x1-kxk", "identity"], gamma_init=0.01, conv_init=kaiming_fan_out
+    )
     assert isinstance(model.features[3], RepBlock) and block is model.features[3]
     assert added == ("1x1", "1x1-kxk", "identity") and skipped == {}
     cands = candidate_convs(model)
@@ -129,7 +132,7 @@ def test_candidates_and_depth():
     assert list(candidate_convs(model, max_depth=1)) == ["features.0", "features.6"]
     assert nesting_depth(model, "features.3") == 0
     assert nesting_depth(model, "features.3.branches.1x1-kxk.conv2") == 1
-    expand(model, "features.3.branches.kxk.conv", ["1x1"])
+    expand(model, "features.3.branches.kxk.conv", ["1x1"], gamma_init=0.01, conv_init=kaiming_fan_out)
     assert nesting_depth(model, "features.3.branches.kxk.conv.branches.kxk.conv") == 2
     assert "features.3.branches.kxk.conv.branches.kxk.conv" not in candidate_convs(model)
     assert "features.3.branches.kxk.conv.branches.kxk.conv" in candidate_convs(model, max_depth=3)
@@ -143,19 +146,67 @@ def test_candidates_and_depth():
 
 def test_expand_skips_ineligible_and_re_expands():
     model = TinyNet()
-    block, added, skipped = expand(model, "features.6", BRANCH_KINDS)
+    block, added, skipped = expand(model, "features.6", BRANCH_KINDS, gamma_init=0.01, conv_init=kaiming_fan_out)
     assert "identity" in skipped and "identity" not in added
     assert added == ("1x1", "1x1-kxk", "1x1-avg", "1xk", "kx1")
-    _, added0, skipped0 = expand(model, "features.0", ["identity", "1x1"])
+    _, added0, skipped0 = expand(model, "features.0", ["identity", "1x1"], gamma_init=0.01, conv_init=kaiming_fan_out)
     assert added0 == ("1x1",) and "C_in" in skipped0["identity"]
     # re-expanding an existing block adds only what is missing
     block.remove_branches(["1xk", "1x1"])
-    again, added2, skipped2 = expand(model, "features.6", ["1x1", "kx1"])
+    again, added2, skipped2 = expand(model, "features.6", ["1x1", "kx1"], gamma_init=0.01, conv_init=kaiming_fan_out)
     assert again is block and added2 == ("1x1",) and skipped2 == {"kx1": "already present"}
     with pytest.raises(TypeError):
-        expand(model, "features.1", ["1x1"])
+        expand(model, "features.1", ["1x1"], gamma_init=0.01, conv_init=kaiming_fan_out)
     with pytest.raises(ValueError, match="not one of"):
-        expand(model, "features.3", ["1x2"])
+        expand(model, "features.3", ["1x2"], gamma_init=0.01, conv_init=kaiming_fan_out)
+
+
+def test_expand_and_apply_structure_need_gamma_init():
+    """No DyRep default in rep/: gamma_init is a required keyword; the model is left untouched."""
+    model = TinyNet()
+    with pytest.raises(TypeError, match="gamma_init"):
+        expand(model, "features.3", ["1x1"])
+    with pytest.raises(TypeError, match="gamma_init"):
+        expand(model, "features.3", ["1x1"], conv_init=kaiming_fan_out)
+    with pytest.raises(TypeError):
+        expand(model, "features.3", ["1x1"], 0.01)  # keyword-only
+    assert isinstance(model.features[3], nn.Conv2d)
+    grown = TinyNet()
+    expand(grown, "features.3", ["1x1"], gamma_init=1.0)
+    with pytest.raises(TypeError, match="gamma_init"):
+        apply_structure(model, structure(grown))
+    assert isinstance(model.features[3], nn.Conv2d)
+
+
+def test_expand_conv_init():
+    """conv_init reaches every new conv (nested and in 1x1-kxk); None keeps PyTorch's init."""
+    calls = []
+
+    def const(conv):
+        calls.append(conv)
+        conv.weight.fill_(-0.5)
+
+    model = TinyNet()
+    origin_weight = model.features[3].weight.detach().clone()
+    block, added, _ = expand(model, "features.3", BRANCH_KINDS, gamma_init=0.2, conv_init=const)
+    new_convs = [m for k in added for m in block.branches[k].modules() if isinstance(m, nn.Conv2d)]
+    assert len(calls) == len(new_convs) == 6  # 1x1, 1x1-kxk (2), 1x1-avg, 1xk, kx1; identity has none
+    assert all(torch.all(c.weight == -0.5) for c in new_convs)
+    assert torch.equal(block.kxk.conv.weight, origin_weight)
+    assert all(torch.all(block.branches[k].last_bn.weight == 0.2) for k in added)
+    # conv_init=None (the default): PyTorch's nn.Conv2d init, same values and RNG draws
+    torch.manual_seed(3)
+    model = TinyNet()
+    expand(model, "features.0", ["1x1"], gamma_init=1.0)
+    torch.manual_seed(3)
+    TinyNet()  # the same RNG draws as the model above
+    ref = nn.Conv2d(3, 8, 1, bias=False)
+    assert torch.equal(model.features[0].branches["1x1"].conv.weight, ref.weight)
+    # apply_structure passes both through
+    calls.clear()
+    rebuilt = apply_structure(TinyNet(), structure(model), gamma_init=0.3, conv_init=const)
+    assert len(calls) == 1 and torch.all(rebuilt.features[0].branches["1x1"].conv.weight == -0.5)
+    assert torch.all(rebuilt.features[0].branches["1x1"].last_bn.weight == 0.3)
 
 
 def test_expand_with_compensation_keeps_output():
@@ -165,9 +216,12 @@ def test_expand_with_compensation_keeps_output():
     model.eval()
     x = torch.randn(2, 3, 8, 8)
     y0 = model(x)
-    expand(model, "features.3", BRANCH_KINDS, gamma_init=0.5, compensate=True)
+    expand(model, "features.3", BRANCH_KINDS, gamma_init=0.5, conv_init=kaiming_fan_out, compensate=True)
     assert_close(model(x), y0)
-    expand(model, "features.3.branches.1x1-kxk.conv2", BRANCH_KINDS, gamma_init=0.5, compensate=True)
+    expand(
+        model, "features.3.branches.1x1-kxk.conv2", BRANCH_KINDS, gamma_init=0.5, conv_init=kaiming_fan_out,
+        compensate=True,
+    )
     assert_close(model(x), y0)
 
 
@@ -206,14 +260,14 @@ def test_deploy_plain_model_is_itself():
 def test_deploy_bias_without_bn():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.ReLU())
-    expand(model, "0", ["1x1"])
+    expand(model, "0", ["1x1"], gamma_init=0.01, conv_init=kaiming_fan_out)
     randomize_bns(model)
     with pytest.raises(ValueError, match="'0'"):
         deploy(model)
     # an original conv with a bias keeps it
     model_b = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=True), nn.ReLU())
     keys = list(model_b.state_dict())
-    expand(model_b, "0", ["1x1", "identity"])
+    expand(model_b, "0", ["1x1", "identity"], gamma_init=0.01, conv_init=kaiming_fan_out)
     randomize_bns(model_b)
     model_b.eval()
     x = torch.randn(2, 4, 6, 6)
@@ -226,7 +280,7 @@ def test_deploy_root_block():
     torch.manual_seed(9)
     conv = nn.Conv2d(4, 4, 3, padding=1, bias=True)
     block = RepBlock.from_conv(conv)
-    block.add_branch("1x1")
+    block.add_branch("1x1", gamma_init=0.01, conv_init=kaiming_fan_out)
     randomize_bns(block)
     block.eval()
     x = torch.randn(2, 4, 5, 5)
@@ -248,8 +302,8 @@ def _biased_block_without_origin_bias():
 def test_deploy_residual_with_fallback_pairing():
     torch.manual_seed(4)
     res = Residual(branchy=True)
-    expand(res, "conv1", BRANCH_KINDS, gamma_init=1.0)
-    expand(res, "conv2", BRANCH_KINDS, gamma_init=1.0)
+    expand(res, "conv1", BRANCH_KINDS, gamma_init=1.0, conv_init=kaiming_fan_out)
+    expand(res, "conv2", BRANCH_KINDS, gamma_init=1.0, conv_init=kaiming_fan_out)
     randomize_bns(res)
     res.eval()
     x = torch.randn(2, 8, 6, 6)
@@ -262,7 +316,7 @@ def test_deploy_residual_with_fallback_pairing():
 def test_count_branches_and_structure_roundtrip():
     assert count_branches(TinyNet()) == 3
     model = TinyNet()
-    expand(model, "features.3", ["1x1", "1x1-kxk"])
+    expand(model, "features.3", ["1x1", "1x1-kxk"], gamma_init=0.01, conv_init=kaiming_fan_out)
     assert count_branches(model) == 2 + 3
     model = grown_tinynet(seed=5)
     # features.0: 6 (no identity); features.3: 7 + nested 7; features.6: 6 + nested 3 (padding 0)
@@ -270,7 +324,7 @@ def test_count_branches_and_structure_roundtrip():
     struct = json.loads(json.dumps(structure(model)))
     assert list(struct) == ["features.0", "features.3", "features.6"]
     assert struct["features.6"]["nested"]["branches.1x1-kxk.conv2"]["branches"] == ["kxk", "1x1-kxk", "1x1-avg"]
-    rebuilt = apply_structure(TinyNet(), struct)
+    rebuilt = apply_structure(TinyNet(), struct, gamma_init=0.01, conv_init=kaiming_fan_out)
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(2, 3, 8, 8)
     assert_close(rebuilt.eval()(x), model(x))
@@ -280,7 +334,7 @@ def test_collapse_single_branch_blocks():
     torch.manual_seed(6)
     model = TinyNet()
     origin_weight = model.features[3].weight
-    expand(model, "features.3", BRANCH_KINDS, gamma_init=1.0)
+    expand(model, "features.3", BRANCH_KINDS, gamma_init=1.0, conv_init=kaiming_fan_out)
     randomize_bns(model)
     model.eval()
     x = torch.randn(2, 3, 8, 8)
@@ -295,8 +349,8 @@ def test_collapse_single_branch_blocks():
     assert_close(model(x), y0)
     assert list(model.state_dict()) == list(TinyNet().state_dict())
     # nested: the outer block left with kxk alone becomes its inner block
-    expand(model, "features.6", ["1x1"], gamma_init=1.0)
-    expand(model, "features.6.branches.kxk.conv", ["1x1", "1xk"], gamma_init=1.0)
+    expand(model, "features.6", ["1x1"], gamma_init=1.0, conv_init=kaiming_fan_out)
+    expand(model, "features.6.branches.kxk.conv", ["1x1", "1xk"], gamma_init=1.0, conv_init=kaiming_fan_out)
     randomize_bns(model)
     y1 = model(x)
     outer = model.features[6]
@@ -305,8 +359,8 @@ def test_collapse_single_branch_blocks():
     assert collapse(model, "features.6") is inner and model.features[6] is inner
     assert_close(model(x), y1)
     # a block nested in a 1x1-kxk branch folds its bias into that branch's last BN
-    expand(model, "features.0", ["1x1-kxk"], gamma_init=1.0)
-    expand(model, "features.0.branches.1x1-kxk.conv2", ["1x1-avg"], gamma_init=1.0)
+    expand(model, "features.0", ["1x1-kxk"], gamma_init=1.0, conv_init=kaiming_fan_out)
+    expand(model, "features.0.branches.1x1-kxk.conv2", ["1x1-avg"], gamma_init=1.0, conv_init=kaiming_fan_out)
     randomize_bns(model)
     y2 = model(x)
     nested = model.features[0].branches["1x1-kxk"]

@@ -41,6 +41,11 @@ class FakeResult:
     artifacts: list = field(default_factory=list)
 
 
+@dataclass
+class TaggedResult(FakeResult):
+    tags: dict = field(default_factory=dict)
+
+
 def _key(recipe: Recipe) -> tuple:
     return (recipe.method.name, getattr(recipe.method, "scoring", None), recipe.seed)
 
@@ -48,11 +53,12 @@ def _key(recipe: Recipe) -> tuple:
 class FakeTrial:
     """Deterministic stand-in for repsearch.trial.run_trial: val/top1 ramps to a per-scoring score."""
 
-    def __init__(self, epochs: int = 3, fail_on=None, bad_on=None, flops=None):
+    def __init__(self, epochs: int = 3, fail_on=None, bad_on=None, flops=None, tags_of=None):
         self.calls: list[tuple] = []
         self.recipes: list[Recipe] = []
         self.epochs_run: dict[tuple, int] = {}
         self.epochs, self.fail_on, self.bad_on, self.flops = epochs, fail_on, bad_on, flops or {}
+        self.tags_of = tags_of  # key -> the TrialResult.tags (None: a result without the field)
 
     def __call__(self, recipe, *, data_root, device, out_dir, on_epoch=None, progress=True):
         key = _key(recipe)
@@ -76,6 +82,8 @@ class FakeTrial:
         final = dict(history[-1])
         final.update({"test/top1": score - 1.0, "avg_flops_m": self.flops.get(scoring, 11.0), "avg_params_m": 1.5,
                       "cost_gpu_hours": 0.01})
+        if self.tags_of is not None:
+            return TaggedResult(final=final, history=history, artifacts=[art], tags=self.tags_of(key))
         return FakeResult(final=final, history=history, artifacts=[art])
 
 
@@ -296,6 +304,116 @@ def test_sigkilled_worker_resumes_at_once(cwd):
     assert len(parents) == 1
     assert client.get_run(killed[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
     assert sorted(r.info.status for r in children) == ["FINISHED"] * 4 + ["KILLED"]
+
+
+WINDOW_SCRIPT = """
+import json, os, signal, sys
+from dataclasses import dataclass
+from repsearch.spec import Recipe
+from repsearch.sweep import run_study
+from repsearch.tracking import Tracker, resolve_stores
+
+@dataclass
+class R:
+    final: dict
+    history: list
+    artifacts: list
+
+def fake(recipe, *, data_root, device, out_dir, on_epoch=None, progress=True):
+    m = {"val/top1": 90.0}
+    on_epoch(1, m)
+    return R(dict(m, **{"test/top1": 89.0}), [m], [])
+
+mode = sys.argv[2]
+original = Tracker.start_trial
+calls = []
+
+def start_trial(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:  # the third trial: killed just before / just after creating its child run
+        if mode == "after":
+            original(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, *args, **kwargs)
+
+Tracker.start_trial = start_trial
+recipe = Recipe.model_validate(json.loads(sys.argv[1]))
+run_study(recipe, "exp.yaml", None, resolve_stores(recipe, "exp.yaml"), device="cpu", data_root=None,
+          trial_fn=fake, progress=False)
+"""
+
+
+@pytest.mark.parametrize("window", ["before", "after"])
+def test_worker_killed_around_creating_the_child_run_leaves_no_orphan_run(cwd, window):
+    """SIGKILL after popping a trial and before (``before``) or right after (``after``) creating its
+    MLflow child run, so the trial never records ``mlflow_run_id``: the re-run fails the trial, marks
+    the orphan run KILLED (found by its study_name / optuna.trial_number tags) and runs the point once."""
+    raw = {"method": {"name": "dyrep"}, "train": {"epochs": 1}, "sweep": grid_recipe(seeds=[0]).sweep.model_dump(mode="json")}
+    recipe = Recipe.model_validate(raw)
+    (cwd / "window.py").write_text(WINDOW_SCRIPT)
+    proc = subprocess.run([sys.executable, str(cwd / "window.py"), json.dumps(raw), window], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    stores = resolve_stores(recipe, RECIPE_PATH)
+    trials = _study(recipe, stores).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.RUNNING, TrialState.WAITING]
+    killed = trials[2]
+    assert "mlflow_run_id" not in killed.user_attrs
+    _, _, _, children = _runs(stores)
+    orphans = [r for r in children if r.info.status == "RUNNING"]
+    assert len(orphans) == (window == "after") and len(children) == 2 + (window == "after")
+
+    fake = FakeTrial(epochs=1)
+    summary, _, _ = _run(recipe, fake, stores=stores)
+    point = killed.user_attrs["point"]
+    assert summary.n_complete == 4 and summary.failures == []
+    assert [(k[0], k[1]) for k in fake.calls].count(("origin", None) if "origin" in point else ("dyrep", point.split("=")[1])) == 1
+    assert len(fake.calls) == 2  # the killed point and the one never started
+    after = _study(recipe, stores).get_trials()
+    assert after[2].state == TrialState.FAIL and "is gone" in after[2].user_attrs["error"]
+    assert [t.user_attrs["point"] for t in after if t.state == TrialState.COMPLETE].count(point) == 1
+    client, _, parents, children = _runs(stores)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    statuses = sorted(r.info.status for r in children)
+    if window == "after":
+        assert statuses == ["FINISHED"] * 4 + ["KILLED"]
+        orphan = client.get_run(orphans[0].info.run_id)
+        assert orphan.info.status == "KILLED" and orphan.data.tags["optuna.trial_number"] == str(killed.number)
+        assert "orphan run of trial 2" in orphan.data.tags["killed"] and "is gone" in orphan.data.tags["killed"]
+    else:
+        assert statuses == ["FINISHED"] * 4
+
+
+def test_trial_tags_go_to_optuna_and_mlflow_and_not_learning_warnings(cwd):
+    reason = "train/loss within 1% of ln(10) for epochs 2-4"
+
+    def tags_of(key):
+        return {"precision": "fp32", **({"not_learning": reason} if key[1] == "grasp" else {})}
+
+    recipe = grid_recipe(seeds=[0])
+    summary, stores, _ = _run(recipe, FakeTrial(tags_of=tags_of))
+    assert summary.n_complete == 4
+    assert summary.warnings == [f"warning: method.scoring=grasp seed 0: not learning ({reason})"]
+    grasp = next(r for r in summary.rows if r.configuration == "method.scoring=grasp")
+    assert grasp.not_learning == [(0, reason)] and all(not r.not_learning for r in summary.rows if r is not grasp)
+    trials = _study(recipe, stores).get_trials()
+    client, _, _, children = _runs(stores)
+    for t in trials:
+        expected = tags_of(("dyrep", t.user_attrs["point"].split("=")[-1], 0))
+        assert t.user_attrs["tags"] == expected
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert {k: run.data.tags.get(k) for k in expected} == expected
+    assert sum("not_learning" in r.data.tags for r in children) == 1
+    again, _, _ = _run(recipe, FakeTrial())
+    assert again.nothing_to_run and again.warnings == summary.warnings  # read back from Optuna
+    rows, _ = load_report(summary.study_name, stores)
+    assert rows == again.rows
+
+    # a trial function whose result has no ``tags`` field: an empty dict is recorded
+    plain = Recipe.model_validate({"seed": 3, "train": {"epochs": 1}})
+    other = resolve_stores(plain, RECIPE_PATH, runs_dir=cwd / "plain")
+    _run(plain, FakeTrial(epochs=1), stores=other)
+    assert [t.user_attrs["tags"] for t in _study(plain, other).get_trials()] == [{}]
 
 
 def test_random_sampler_same_configuration_for_every_seed(cwd):

@@ -126,3 +126,21 @@ def test_tracker_layout_parent_reattached_and_artifacts_under_runs(cwd):
     assert Path(run.info.artifact_uri).is_relative_to(cwd / "runs" / "artifacts")
     assert Path(tr2.client.get_run(parent).info.artifact_uri, "recipe.yaml").read_text() == "seed: 0\n"
     assert not (cwd / "mlruns").exists()
+
+
+def test_running_trial_runs_lists_the_studys_unfinished_child_runs(cwd):
+    s = resolve_stores(_recipe(), "exp.yaml", environ={})
+    tr = Tracker(s)
+    study, other = "exp-0123abcd", "exp-other"
+    parent = tr.parent_run(study)  # RUNNING, tagged study_name, but not a trial's run
+    runs = {}
+    for name, n in ((study, 0), (study, 1), (study, 2), (other, 0)):
+        runs[name, n] = tr.start_trial(parent, run_name=f"t{n}", tags={"study_name": name, "optuna.trial_number": n})
+    tr.finish_trial(runs[study, 0], tags={"precision": "fp32", "long": "x" * 9000})
+    tr.kill_run(runs[study, 2], "worker gone")
+    assert tr.running_trial_runs(study) == [(runs[study, 1], 1)]
+    assert tr.running_trial_runs(other) == [(runs[other, 0], 0)]
+    assert tr.running_trial_runs("exp-none") == []
+    assert tr.run_status(runs[study, 2]) == "KILLED" and tr.run_status("0" * 32) is None
+    tags = tr.client.get_run(runs[study, 0]).data.tags
+    assert tags["precision"] == "fp32" and len(tags["long"]) == 8000  # cut to MLflow's limit on a tag value

@@ -8,7 +8,8 @@ import torch
 from repsearch.methods.base import Method
 from repsearch.methods.static import Static
 from repsearch.models import build_model
-from repsearch.spec import StaticSpec, TrainSpec
+from repsearch.methods.static import StaticSpec
+from repsearch.spec import TrainSpec
 from repsearch.train import NonFiniteLoss, Trainer, evaluate, seed_everything
 
 MEASURES = {"train/loss", "train/top1", "val/loss", "val/top1", "lr", "epoch_time_s", "train_images_per_s",

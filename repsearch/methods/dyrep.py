@@ -27,46 +27,93 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Iterable
+from typing import Any, Iterable, Literal, Union
+
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
 import torch
 from torch import nn
 
 from repsearch import scoring
-from repsearch.methods.base import Method
+from repsearch.measures import register_measure
+from repsearch.methods.base import EpochChanges, Method, register_method
+from repsearch.methods.recalibrate import recalibrate_bn
+from repsearch.schema import MethodSpecModel, check_saliency_metric, check_space
 from repsearch.rep import candidate_convs, collapse, conv_kernel, eligible_branches, expand, repblocks
+from repsearch.rep import Branch, KxkBranch, kaiming_fan_out, last_bn_gamma_abs_mean
 from repsearch.spaces import resolve_space
 
 log = logging.getLogger(__name__)
 
+register_measure("n_rep", "count", "DyRep: Rep steps (ops grown into blocks) over the trial", "final")
+register_measure("n_dep", "count", "DyRep: Dep steps (blocks that lost branches) over the trial", "final")
+register_measure("n_branches_cut", "count", "DyRep: branches removed by Dep over the trial", "final")
 
-def recalibrate_bn(model: nn.Module, bns: list[nn.BatchNorm2d], loader: Iterable, n_batches: int) -> int:
-    """Re-estimate the running statistics of ``bns`` on ``n_batches`` batches of ``loader``.
 
-    Cumulative average (``momentum=None``) after ``reset_running_stats``; every other module stays
-    in eval mode; no gradients (DyRep §4.1 / official code: 20 batches). Restores train/eval modes
-    and momenta. Returns the number of batches used.
+class DyRepSpec(MethodSpecModel):
+    """DyRep (CVPR 2022, Algorithm 1) as METHODS.md settles it.
+
+    Units: ``interval`` and ``grow_until`` in epochs (counted from 1; an adjustment runs at the end of
+    epoch e when e % interval == 0 and e <= grow_until); ``recal_batches`` and ``probe_batches`` in
+    training batches. ``scoring`` is the saliency metric of Rep (:mod:`repsearch.scoring`); ``voters``
+    the metrics that vote when ``scoring: vote`` (default grad_norm, snip, synflow: grasp equals
+    ‖g‖² on conv-BN nets and would count the gradient norm twice; ties go to synflow's ranking).
+    ``gamma_init`` is the new branches' last-BN γ (paper 0.01, Fig. 4); ``dep_threshold`` is λ of
+    Eq. 10 (0.02); ``dep_floor`` the official code's importance floor (0.1); ``max_depth`` caps Rep's
+    recursion (2: the model's convs and the convs inside one block).
     """
-    if n_batches <= 0 or not bns:
-        return 0
-    was_training = model.training
-    momenta = [bn.momentum for bn in bns]
-    model.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    used = 0
-    with torch.no_grad():
-        for images, _ in itertools.islice(iter(loader), n_batches):
-            model(images)
-            used += 1
-    for bn, m in zip(bns, momenta):
-        bn.momentum = m
-    model.train(was_training)
-    return used
+
+    name: Literal["dyrep"] = "dyrep"
+    space: Union[str, list[str]] = "dyrep"
+    scoring: str = "synflow"
+    voters: list[str] = Field(default_factory=lambda: list(scoring.DEFAULT_VOTERS))
+    interval: PositiveInt = 15
+    gamma_init: PositiveFloat = 0.01
+    dep_threshold: NonNegativeFloat = 0.02
+    dep_floor: NonNegativeFloat = 0.1
+    recal_batches: NonNegativeInt = 20
+    grow_until: PositiveInt = 500
+    max_depth: PositiveInt = 2
+    probe_batches: PositiveInt = 4
+
+    _space = field_validator("space")(classmethod(lambda cls, v: check_space(v)))
+    _scoring = field_validator("scoring")(classmethod(lambda cls, v: check_saliency_metric(v)))
+
+    @field_validator("voters")
+    @classmethod
+    def _voters(cls, v: list[str]) -> list[str]:
+        return list(scoring.check_voters(v))
+
+    def check_recipe(self, recipe) -> None:
+        """Cross-section check (called by the Recipe's validation).
+
+        Raises:
+            ValueError: ``grow_until < interval`` (DyRep would never adjust).
+        """
+        if self.grow_until < self.interval:
+            raise ValueError(
+                f"method.grow_until ({self.grow_until}) < method.interval ({self.interval}): DyRep would never adjust"
+            )
 
 
+def dyrep_importance(branch: Branch, kxk: KxkBranch) -> float:
+    """DyRep's branch importance (Eq. 9) as the official code reads it, a
+    :data:`repsearch.rep.ImportanceRule`: ``s_j = mean_c |γ_last_j| / mean_c |γ_kxk|``.
+
+    Eq. 9 scores a branch by the magnitude of its last BN's scaling factors γ; the official code
+    averages |γ| over the channels of the branch's last BN and divides by the same mean of the
+    ``kxk`` (original conv) branch's BN (γ = 1 right after Rep/compensation, which resets that BN to
+    the identity). A dimensionless Python float; ``inf`` when the ``kxk`` mean is 0.
+
+    Raises:
+        ValueError: for a branch without a last BN (:func:`repsearch.rep.last_bn_gamma_abs_mean`).
+    """
+    ref = last_bn_gamma_abs_mean(kxk)
+    g = last_bn_gamma_abs_mean(branch)
+    return g / ref if ref > 0 else float("inf")
+
+
+@register_method
 class DyRep(Method):
     """DyRep's training-time hooks (see the module docstring for the algorithm and its sources).
 
@@ -78,13 +125,13 @@ class DyRep(Method):
       - ``dep_scan``: epoch, importances of every block examined (cut or not).
     """
 
-    name = "dyrep"
+    Spec = DyRepSpec
 
-    def __init__(self, spec, label_smoothing: float = 0.0, seed: int = 0):
-        super().__init__(spec, label_smoothing, seed)
+    def __init__(self, spec, **kwargs):
+        super().__init__(spec, **kwargs)
         self.kinds = resolve_space(spec.space)
         self.accumulator: scoring.SaliencyAccumulator | None = None
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.n_rep = 0
         self.n_dep = 0
         self.n_cut = 0
@@ -99,7 +146,7 @@ class DyRep(Method):
     def _reset_scores(self, model: nn.Module) -> None:
         device = next(model.parameters()).device
         ops = self._ops(model)
-        metrics = scoring.STEP_METRICS(self.spec.scoring)
+        metrics = scoring.step_metrics_for(self.spec.scoring, self.spec.voters)
         if self.accumulator is None:
             self.accumulator = scoring.SaliencyAccumulator(ops, metrics, device)
         else:
@@ -130,16 +177,19 @@ class DyRep(Method):
         """True when an adjustment (Rep then Dep) runs at the end of ``epoch`` (from 1): DESIGN.md."""
         return epoch % self.spec.interval == 0 and epoch <= self.spec.grow_until
 
-    def on_epoch_end(self, model: nn.Module, epoch: int, loader: Iterable) -> bool:
+    def on_epoch_end(self, model: nn.Module, epoch: int, loader: Iterable, measures: dict | None = None) -> EpochChanges:
+        """Adjust (Rep, then Dep) at the end of ``epoch`` when the schedule says so. The optimizer's
+        groups are then updated in place and surviving parameters keep their momentum, as the
+        official code does (``reset_optimizer="none"``)."""
         if not self.adjusts_at(epoch):
-            return False
+            return EpochChanges()
         grown = self.rep(model, epoch, loader)
         self.dep(model, epoch, exempt={grown} if grown else set())
         if epoch >= self.last_adjustment:
             self.accumulator = None  # no adjustment left: stop scoring (DESIGN.md: none after grow_until)
         else:
             self._reset_scores(model)
-        return True
+        return EpochChanges(structure_changed=True)
 
     # -- Rep ------------------------------------------------------------------------------
     def rep(self, model: nn.Module, epoch: int, loader: Iterable) -> str | None:
@@ -153,14 +203,15 @@ class DyRep(Method):
             return list(itertools.islice(iter(loader), spec.probe_batches))
 
         best, scores, details = scoring.select_op(
-            spec.scoring, self.accumulator, model, ops, probe_batches, self._probe_loss, self.generator
+            spec.scoring, self.accumulator, model, ops, probe_batches, self._probe_loss, self.generator,
+            voters=spec.voters,
         )
         conv = ops[best]
         device, dtype = conv.weight.device, conv.weight.dtype
         with torch.no_grad():
             w_old, b_old = (t.detach().clone() for t in conv_kernel(conv))
         depth_before = sum(1 for p in repblocks(model) if best.startswith(p + "."))
-        block, added, skipped = expand(model, best, self.kinds, gamma_init=spec.gamma_init)
+        block, added, skipped = expand(model, best, self.kinds, gamma_init=spec.gamma_init, conv_init=kaiming_fan_out)
         block.to(device=device, dtype=dtype)
         new_bns = [
             m for kind, br in block.branches.items() if kind != "kxk" for m in br.modules() if isinstance(m, nn.BatchNorm2d)
@@ -201,7 +252,7 @@ class DyRep(Method):
         for path, block in sorted(repblocks(model).items(), key=lambda kv: -kv[0].count(".")):
             if path in exempt:
                 continue
-            imp = block.branch_importance()
+            imp = block.branch_importance(dyrep_importance)
             scan[path] = imp
             if len(imp) < 2:
                 continue  # torch.std of one value is NaN in the official code: never cut
@@ -237,5 +288,32 @@ class DyRep(Method):
         self.events.append({"epoch": epoch, "kind": "dep_scan", "importances": scan, "cut": cut_total})
         return cut_total
 
-    def describe(self) -> dict:
+    def final_measures(self) -> dict[str, Any]:
+        """``n_rep``, ``n_dep``, ``n_branches_cut`` (counts over the trial)."""
         return {"n_rep": self.n_rep, "n_dep": self.n_dep, "n_branches_cut": self.n_cut}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, events, the random metric's generator state and the saliency accumulator
+        (plain tensors and JSON-able values: loads with ``weights_only=True``)."""
+        return {
+            "events": list(self.events),
+            "n_rep": self.n_rep,
+            "n_dep": self.n_dep,
+            "n_cut": self.n_cut,
+            "generator": self.generator.get_state(),
+            "accumulator": self.accumulator.state_dict() if self.accumulator is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output after :meth:`prepare` on a model with the same structure.
+
+        Raises:
+            ValueError: the accumulator's op paths or metrics differ from the model's candidates.
+        """
+        self.events = list(state["events"])
+        self.n_rep, self.n_dep, self.n_cut = int(state["n_rep"]), int(state["n_dep"]), int(state["n_cut"])
+        self.generator.set_state(state["generator"])
+        if state.get("accumulator") is None:
+            self.accumulator = None
+        elif self.accumulator is not None:
+            self.accumulator.load_state_dict(state["accumulator"])

@@ -1,13 +1,16 @@
 """Model registry: plain conv-BN CNNs built by name (DESIGN.md "Models — contract").
 
-A deployed-model artifact stores ``{"model": name, "kwargs": {"num_classes": ..., "width": ...},
-"state_dict": ...}``; ``build_model(name, **kwargs)`` rebuilds exactly that architecture.
+A deployed-model artifact stores ``{"model": name, "kwargs": {every constructor argument},
+"state_dict": ...}`` (:func:`model_kwargs`); ``build_model(name, **kwargs)`` rebuilds exactly that
+architecture. A constructor's keyword arguments beyond ``num_classes`` and ``width`` are recipe
+options of ``model:`` (checked by :func:`check_model_options` against the signature).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -28,13 +31,14 @@ def model_names() -> list[str]:
     return sorted(MODELS)
 
 
-def build_model(name: str, num_classes: int = 10, width: float = 1.0) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, width: float = 1.0, **options: Any) -> nn.Module:
     """Build a registered model with freshly initialised weights.
 
     Args:
         name: a key of :data:`MODELS`.
         num_classes: number of logits (>= 1).
         width: channel multiplier (> 0); channels become ``max(1, round(c * width))``.
+        options: further constructor keyword arguments (see :func:`check_model_options`).
     Returns:
         the ``nn.Module`` (train mode); input ``(N, 3, 32, 32)``, output ``(N, num_classes)``.
     Raises:
@@ -47,7 +51,72 @@ def build_model(name: str, num_classes: int = 10, width: float = 1.0) -> nn.Modu
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if isinstance(width, bool) or not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
         raise ValueError(f"width must be a positive number, got {width!r}")
-    return MODELS[name](num_classes=int(num_classes), width=float(width))
+    return MODELS[name](num_classes=int(num_classes), width=float(width), **options)
 
 
-__all__ = ["MODELS", "VGG", "CifarResNet", "build_model", "model_names", "scale_width", "vgg16", "resnet18", "resnet34", "resnet50"]
+#: Constructor arguments that are not recipe options of ``model:`` (``num_classes`` comes from the data).
+_RESERVED = ("num_classes",)
+
+
+def _option_params(name: str) -> dict[str, inspect.Parameter]:
+    sig = inspect.signature(MODELS[name])
+    return {
+        k: p for k, p in sig.parameters.items()
+        if k not in _RESERVED and k != "width" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def check_model_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``model:`` keys beyond ``name``/``width`` against ``name``'s constructor.
+
+    Each key must be a keyword parameter of the constructor; its value is validated (and converted)
+    with pydantic against the parameter's annotation when it has one.
+
+    Returns:
+        the validated options.
+    Raises:
+        ValueError: an unknown model, an option the constructor does not take (the message lists the
+            allowed keys), or a value of the wrong type.
+    """
+    from pydantic import TypeAdapter, ValidationError
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(model_names())}")
+    params = _option_params(name)
+    hints = {}
+    try:
+        import typing
+
+        hints = typing.get_type_hints(MODELS[name])
+    except Exception:  # unresolvable annotations: values are passed as they are
+        pass
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in params:
+            allowed = ", ".join(["name", "width", *params])
+            raise ValueError(f"unknown key '{key}' for model {name}; allowed keys: {allowed}")
+        ann = hints.get(key)
+        if ann is not None:
+            try:
+                value = TypeAdapter(ann).validate_python(value)
+            except ValidationError as exc:
+                msg = exc.errors(include_url=False)[0]["msg"]
+                raise ValueError(f"{key}: {value!r} is not allowed: {msg}") from None
+        out[key] = value
+    return out
+
+
+def model_kwargs(name: str, num_classes: int, width: float = 1.0, **options: Any) -> dict[str, Any]:
+    """Every constructor argument of model ``name`` (defaults filled in), as ``deployed.pt`` stores
+    it, so the checkpoint rebuilds the same architecture even if a default changes later.
+
+    Raises:
+        ValueError: an unknown model or option (see :func:`check_model_options`).
+    """
+    opts = check_model_options(name, options)
+    bound = inspect.signature(MODELS[name]).bind(num_classes=int(num_classes), width=float(width), **opts)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+__all__ = ["MODELS", "VGG", "CifarResNet", "build_model", "check_model_options", "model_kwargs", "model_names", "scale_width", "vgg16", "resnet18", "resnet34", "resnet50"]

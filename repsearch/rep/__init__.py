@@ -6,21 +6,29 @@ No training logic and no import from the rest of repsearch. Layers:
 - :mod:`repsearch.rep.branches`: branch modules with ``equivalent_kernel()``.
 - :mod:`repsearch.rep.block`: :class:`RepBlock` (add / compensate / remove / fuse).
 - :mod:`repsearch.rep.surgery`: conv→BN pairs, expand, collapse, deploy, structure.
+
+No method's choices are baked in: callers pass the new branches' last-BN γ (``gamma_init``,
+required), their conv initialiser (``conv_init``: a :data:`ConvInit` such as
+:func:`kaiming_fan_out`, or ``None`` for PyTorch's own) and the branch-importance rule
+(:data:`ImportanceRule`, required by :meth:`RepBlock.branch_importance`).
 """
 
-from repsearch.rep.block import RepBlock, eligible_branches, eligible_kinds
+from repsearch.rep.block import ImportanceRule, RepBlock, eligible_branches, eligible_kinds
 from repsearch.rep.branches import (
     BRANCH_KINDS,
     PADDING_FREE_KINDS,
     BNAndPad,
     Branch,
     ConvBNBranch,
+    ConvInit,
     IdentityBranch,
     KxkBranch,
     OneByOneAvgBranch,
     OneByOneKxkBranch,
     conv_geometry,
     ineligibility,
+    kaiming_fan_out,
+    last_bn_gamma_abs_mean,
     make_branch,
     reset_bn_to_identity,
 )
@@ -55,7 +63,9 @@ __all__ = [
     "BNAndPad",
     "Branch",
     "ConvBNBranch",
+    "ConvInit",
     "IdentityBranch",
+    "ImportanceRule",
     "KxkBranch",
     "OneByOneAvgBranch",
     "OneByOneKxkBranch",
@@ -78,6 +88,8 @@ __all__ = [
     "get_module",
     "identity_kernel",
     "ineligibility",
+    "kaiming_fan_out",
+    "last_bn_gamma_abs_mean",
     "make_branch",
     "merge_1x1_kxk",
     "nesting_depth",

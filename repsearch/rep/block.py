@@ -7,12 +7,16 @@ starts as the exact identity. In eval mode the block equals one KxK conv with bi
 (:meth:`RepBlock.equivalent_kernel`, :meth:`RepBlock.fuse`).
 
 Shapes: input ``(N, C_in, H, W)``, output ``(N, C_out, H', W')`` as the original conv.
+
+No method's choice is a default here: new branches take ``gamma_init`` / ``conv_init`` from the
+caller (:meth:`RepBlock.add_branch`) and branch importance an :data:`ImportanceRule`
+(:meth:`RepBlock.branch_importance`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -20,6 +24,7 @@ import torch.nn as nn
 from repsearch.rep.branches import (
     BRANCH_KINDS,
     Branch,
+    ConvInit,
     KxkBranch,
     conv_geometry,
     ineligibility,
@@ -27,9 +32,16 @@ from repsearch.rep.branches import (
     reset_bn_to_identity,
 )
 
-__all__ = ["RepBlock", "eligible_kinds", "eligible_branches"]
+__all__ = ["RepBlock", "ImportanceRule", "eligible_kinds", "eligible_branches"]
 
 log = logging.getLogger(__name__)
+
+#: A branch-importance rule for :meth:`RepBlock.branch_importance`: ``rule(branch, kxk) -> float``,
+#: called once per non-``kxk`` branch of a block with that branch and the block's ``kxk`` branch
+#: (for rules normalised by the original conv's branch), under ``torch.no_grad()``. Example: DyRep
+#: Eq. 9, ``repsearch.methods.dyrep.dyrep_importance``; a plain one:
+#: ``lambda br, kxk: last_bn_gamma_abs_mean(br)``.
+ImportanceRule = Callable[[Branch, KxkBranch], float]
 
 
 def _geometry_of(conv_or_block: nn.Module) -> tuple[int, int, int, int, int, int]:
@@ -169,16 +181,34 @@ class RepBlock(nn.Module):
             return {"device": t.device, "dtype": t.dtype}
         return {}
 
-    def add_branch(self, kind: str, gamma_init: float = 0.01, eps: float = 1e-5) -> str:
+    def add_branch(
+        self,
+        kind: str,
+        *,
+        gamma_init: float,
+        conv_init: Optional[ConvInit] = None,
+        eps: float = 1e-5,
+    ) -> str:
         """Add a freshly initialised branch of ``kind`` (DyRep Algorithm 1, Rep step).
 
-        New convs fan-out normal; last BN γ = ``gamma_init``, β = 0; inner BNs γ = 1. The block's
-        output changes by the new branch's output (call :meth:`compensate` to restore it).
+        Built by :func:`~repsearch.rep.branches.make_branch` on the block's geometry, device and
+        dtype, in the block's training mode. The block's output changes by the new branch's output
+        (call :meth:`compensate` to restore it).
+
+        Args:
+            kind: a non-``kxk`` kind of :data:`~repsearch.rep.branches.BRANCH_KINDS`.
+            gamma_init: the new branch's last-BN γ (keyword-only, required; β = 0; DyRep 0.01,
+                DBB/RepVGG 1). Inner BNs γ = 1, β = 0.
+            conv_init: a :data:`~repsearch.rep.branches.ConvInit` applied to each new conv after
+                PyTorch's own init (e.g. ``kaiming_fan_out``, DyRep's official code), or ``None``
+                to keep PyTorch's ``nn.Conv2d`` init.
+            eps: the new BNs' epsilon.
 
         Returns:
             the branch's key in ``self.branches`` (the kind).
 
         Raises:
+            TypeError: ``gamma_init`` missing.
             ValueError: unknown kind, ``kxk``, a kind already present, or an ineligible kind.
         """
         if kind == "kxk" or kind in self.branches:
@@ -186,7 +216,9 @@ class RepBlock(nn.Module):
         reason = self.ineligibility(kind)
         if reason is not None:
             raise ValueError(reason)
-        branch = make_branch(kind, *self.geometry(), gamma_init=gamma_init, eps=eps, **self._factory())
+        branch = make_branch(
+            kind, *self.geometry(), gamma_init=gamma_init, conv_init=conv_init, eps=eps, **self._factory()
+        )
         branch.train(self.training)
         self.branches[kind] = branch
         return kind
@@ -307,17 +339,24 @@ class RepBlock(nn.Module):
         return [k for k in BRANCH_KINDS if k in kinds]
 
     @torch.no_grad()
-    def branch_importance(self) -> dict[str, float]:
-        """``{kind: mean|γ_last| / mean|γ_kxk|}`` for every non-``kxk`` branch (DyRep Eq. 9 as the
-        official code reads it: normalised by the ``kxk`` branch's BN, whose weight is 1)."""
-        ref = self.kxk.bn.weight.abs().mean().item()
-        out = {}
-        for kind in self.kinds:
-            if kind == "kxk":
-                continue
-            g = self.branches[kind].last_bn.weight.abs().mean().item()
-            out[kind] = g / ref if ref > 0 else float("inf")
-        return out
+    def branch_importance(self, rule: ImportanceRule) -> dict[str, float]:
+        """``{kind: rule(branch, self.kxk)}`` for every non-``kxk`` branch, canonical order (the input
+        of a Dep decision, DyRep Sec. 4.2).
+
+        Args:
+            rule: an :data:`ImportanceRule` (required; no rule is a default): called once per branch
+                under ``torch.no_grad()``; its value is converted with ``float``. DyRep passes
+                ``repsearch.methods.dyrep.dyrep_importance`` (Eq. 9 as its official code reads it).
+
+        Returns:
+            ``{kind: importance}``, empty for a block with ``kxk`` alone.
+
+        Raises:
+            whatever ``rule`` raises (e.g. ``ValueError`` from
+            :func:`~repsearch.rep.branches.last_bn_gamma_abs_mean` for a branch without a last BN).
+        """
+        kxk = self.kxk
+        return {kind: float(rule(self.branches[kind], kxk)) for kind in self.kinds if kind != "kxk"}
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:

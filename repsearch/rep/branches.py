@@ -21,12 +21,17 @@ Kinds (DyRep Table 1 / DBB Fig. 2 / ACB / RepVGG):
 
 Eligibility (DyRep official code's rule, see :func:`ineligibility`): a conv whose padding is not
 K//2 takes only ``kxk``, ``1x1-kxk`` and ``1x1-avg``; ``identity`` needs C_in = C_out and stride 1.
+
+Initialisation is the caller's choice, with no method's default baked in: every constructor takes
+``gamma_init`` (the last BN's γ; required keyword: DyRep 0.01, DBB/RepVGG 1) and ``conv_init`` (a
+:data:`ConvInit` applied to each new conv, ``None`` = PyTorch's own ``nn.Conv2d`` initialisation).
+Named initialisers: :func:`kaiming_fan_out`. Importance helper: :func:`last_bn_gamma_abs_mean`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -55,6 +60,9 @@ __all__ = [
     "IdentityBranch",
     "make_branch",
     "conv_geometry",
+    "ConvInit",
+    "kaiming_fan_out",
+    "last_bn_gamma_abs_mean",
 ]
 
 log = logging.getLogger(__name__)
@@ -156,10 +164,35 @@ def _new_bn(num_features: int, gamma: float, eps: float, factory: dict) -> nn.Ba
     return bn
 
 
-def _new_conv(cin: int, cout: int, kernel, stride, padding, groups: int, factory: dict) -> nn.Conv2d:
-    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups, bias=False, **factory)
-    # Fan-out normal init, as DyRep's code initialises new branches (std = sqrt(2 / (K_h K_w C_out))).
+#: A branch conv initialiser: called once on every new bias-free ``nn.Conv2d`` of a branch, right
+#: after PyTorch's own initialisation, under ``torch.no_grad()``; it modifies the conv in place
+#: (e.g. ``conv.weight``, shape ``(C_out, C_in/groups, K_h, K_w)``) and returns ``None``.
+ConvInit = Callable[[nn.Conv2d], None]
+
+
+def kaiming_fan_out(conv: nn.Conv2d) -> None:
+    """Fan-out Kaiming normal init of ``conv.weight`` in place (a :data:`ConvInit`).
+
+    ``W ~ N(0, std²)`` with ``std = sqrt(2 / (C_out · K_h · K_w))`` (dimensionless; PyTorch's fan-out
+    of a conv weight ``(C_out, C_in/groups, K_h, K_w)`` is ``C_out · K_h · K_w``, groups ignored), i.e.
+    ``nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")``. Draws from the global torch
+    RNG (one ``normal_`` over the weight); the bias, if any, is left as it is.
+
+    Sources: He et al., "Delving Deep into Rectifiers", ICCV 2015, Sec. 2.2 (Eq. 10, the backward /
+    fan-out form with gain sqrt(2) for ReLU); DyRep's official code initialises the convs of new
+    branches this way (as torchvision's VGG/ResNet initialise their convs).
+    """
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+
+
+def _new_conv(
+    cin: int, cout: int, kernel, stride, padding, groups: int, factory: dict, conv_init: Optional[ConvInit]
+) -> nn.Conv2d:
+    """A bias-free conv with PyTorch's default init, then ``conv_init`` (if any) applied in place."""
+    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups, bias=False, **factory)
+    if conv_init is not None:
+        with torch.no_grad():
+            conv_init(conv)
     return conv
 
 
@@ -243,7 +276,11 @@ class Branch(nn.Module):
 
     @property
     def last_bn(self) -> nn.BatchNorm2d:
-        """The branch's last BN; the mean |γ| of this BN is the branch importance (DyRep Eq. 9)."""
+        """The branch's last BN (the one whose output the block sums), shape ``(C_out,)`` parameters.
+
+        Importance rules read its γ (e.g. DyRep Eq. 9; see :func:`last_bn_gamma_abs_mean`). A branch
+        without one (none here; e.g. a BN-free scaled branch) raises ``NotImplementedError``.
+        """
         raise NotImplementedError
 
     def equivalent_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,6 +344,14 @@ class ConvBNBranch(Branch):
     at fusion (DBB transform VI; ACB's asymmetric branches).
 
     Needs padding = K//2 and an odd K (see :func:`ineligibility`).
+
+    Init (keyword-only): ``gamma_init`` = the last BN's γ (required, no default; β = 0),
+    ``conv_init`` = a :data:`ConvInit` applied to the new conv (``None``: PyTorch's own init), ``eps`` =
+    the BNs' epsilon, ``device``/``dtype`` via ``**factory``. Inner BNs: γ = 1, β = 0. Running
+    statistics: mean 0, var 1.
+
+    Raises:
+        ValueError: a kind other than ``1x1``/``1xk``/``kx1``, an invalid or ineligible geometry.
     """
 
     _FOLLOWERS = {"conv": "bn"}
@@ -320,7 +365,9 @@ class ConvBNBranch(Branch):
         stride: int,
         padding: int,
         groups: int,
-        gamma_init: float = 0.01,
+        *,
+        gamma_init: float,
+        conv_init: Optional[ConvInit] = None,
         eps: float = 1e-5,
         **factory,
     ):
@@ -329,7 +376,7 @@ class ConvBNBranch(Branch):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, kind=kind)
         k, p = self.kernel_size, self.padding
         shape, pad = {"1x1": ((1, 1), (0, 0)), "1xk": ((1, k), (0, p)), "kx1": ((k, 1), (p, 0))}[kind]
-        self.conv = _new_conv(in_channels, out_channels, shape, stride, pad, groups, factory)
+        self.conv = _new_conv(in_channels, out_channels, shape, stride, pad, groups, factory, conv_init)
         self.bn = _new_bn(out_channels, gamma_init, eps, factory)
 
     @property
@@ -348,6 +395,14 @@ class OneByOneKxkBranch(Branch):
     """``1x1-kxk``: 1x1 conv (C_in → C_in, groups g) → :class:`BNAndPad` (pad = parent padding) →
     KxK conv (C_in → C_out, stride s, padding 0, groups g) → BN (DBB transform III, internal
     channels = C_in as DBB). ``conv2`` may later be replaced by a ``RepBlock`` (nested Rep).
+
+    Init (keyword-only): ``gamma_init`` = the last BN's γ (required, no default; β = 0),
+    ``conv_init`` = a :data:`ConvInit` applied to both new convs, ``conv1`` first (``None``:
+    PyTorch's own init), ``eps`` = the BNs' epsilon, ``device``/``dtype`` via ``**factory``. Inner
+    BNs: γ = 1, β = 0. Running statistics: mean 0, var 1.
+
+    Raises:
+        ValueError: an invalid or ineligible geometry.
     """
 
     kind = "1x1-kxk"
@@ -361,15 +416,17 @@ class OneByOneKxkBranch(Branch):
         stride: int,
         padding: int,
         groups: int,
-        gamma_init: float = 0.01,
+        *,
+        gamma_init: float,
+        conv_init: Optional[ConvInit] = None,
         eps: float = 1e-5,
         **factory,
     ):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups)
         mid = in_channels
-        self.conv1 = _new_conv(in_channels, mid, 1, 1, 0, groups, factory)
+        self.conv1 = _new_conv(in_channels, mid, 1, 1, 0, groups, factory, conv_init)
         self.bn1 = BNAndPad(mid, padding, eps=eps, **factory)
-        self.conv2 = _new_conv(mid, out_channels, kernel_size, stride, 0, groups, factory)
+        self.conv2 = _new_conv(mid, out_channels, kernel_size, stride, 0, groups, factory, conv_init)
         self.bn2 = _new_bn(out_channels, gamma_init, eps, factory)
 
     @property
@@ -389,6 +446,14 @@ class OneByOneKxkBranch(Branch):
 class OneByOneAvgBranch(Branch):
     """``1x1-avg``: 1x1 conv (C_in → C_out, groups g) → :class:`BNAndPad` (pad = parent padding) →
     KxK average pool (stride s, padding 0) → BN (DBB transform V then III).
+
+    Init (keyword-only): ``gamma_init`` = the last BN's γ (required, no default; β = 0),
+    ``conv_init`` = a :data:`ConvInit` applied to the new 1x1 conv (``None``: PyTorch's own init), ``eps`` =
+    the BNs' epsilon, ``device``/``dtype`` via ``**factory``. Inner BNs: γ = 1, β = 0. Running
+    statistics: mean 0, var 1.
+
+    Raises:
+        ValueError: an invalid or ineligible geometry.
     """
 
     kind = "1x1-avg"
@@ -402,12 +467,14 @@ class OneByOneAvgBranch(Branch):
         stride: int,
         padding: int,
         groups: int,
-        gamma_init: float = 0.01,
+        *,
+        gamma_init: float,
+        conv_init: Optional[ConvInit] = None,
         eps: float = 1e-5,
         **factory,
     ):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups)
-        self.conv = _new_conv(in_channels, out_channels, 1, 1, 0, groups, factory)
+        self.conv = _new_conv(in_channels, out_channels, 1, 1, 0, groups, factory, conv_init)
         self.bn1 = BNAndPad(out_channels, padding, eps=eps, **factory)
         self.avg = nn.AvgPool2d(kernel_size, stride=stride, padding=0, count_include_pad=True)
         self.bn2 = _new_bn(out_channels, gamma_init, eps, factory)
@@ -428,7 +495,15 @@ class OneByOneAvgBranch(Branch):
 
 class IdentityBranch(Branch):
     """``identity``: a bare BN on the input (RepVGG; DyRep code's ``dbb_id``); needs C_in = C_out,
-    stride 1, padding K//2; fuses to the identity kernel per group."""
+    stride 1, padding K//2; fuses to the identity kernel per group.
+
+    Init (keyword-only): ``gamma_init`` = its BN's γ (required, no default; β = 0; running mean 0,
+    var 1); ``conv_init`` is accepted for a uniform signature and unused (no conv); ``eps``,
+    ``**factory`` (device, dtype) as for the other branches.
+
+    Raises:
+        ValueError: an invalid or ineligible geometry (C_in ≠ C_out, stride ≠ 1, ...).
+    """
 
     kind = "identity"
 
@@ -440,7 +515,9 @@ class IdentityBranch(Branch):
         stride: int,
         padding: int,
         groups: int,
-        gamma_init: float = 0.01,
+        *,
+        gamma_init: float,
+        conv_init: Optional[ConvInit] = None,
         eps: float = 1e-5,
         **factory,
     ):
@@ -525,28 +602,70 @@ def make_branch(
     stride: int = 1,
     padding: int = 0,
     groups: int = 1,
-    gamma_init: float = 0.01,
+    *,
+    gamma_init: float,
+    conv_init: Optional[ConvInit] = None,
     eps: float = 1e-5,
     device: Optional[torch.device | str] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> Branch:
     """Build a freshly initialised branch of ``kind`` for a parent conv of this geometry.
 
-    New convs: fan-out normal init; last BN γ = ``gamma_init`` (DyRep 0.01, Fig. 4), β = 0; inner
-    BNs γ = 1, β = 0; running statistics mean 0, var 1 (DyRep Algorithm 1, Rep step). ``kxk`` builds
-    a new KxK conv (fan-out init) + BN (γ = ``gamma_init``).
+    Each new conv gets PyTorch's own ``nn.Conv2d`` init, then ``conv_init`` (if not ``None``) in
+    place; the last BN γ = ``gamma_init``, β = 0; inner BNs γ = 1, β = 0; running statistics mean 0,
+    var 1. ``kxk`` builds a new KxK conv + BN (γ = ``gamma_init``). No method's choice is a default:
+    DyRep (Algorithm 1, Rep step; Fig. 4) passes ``gamma_init=0.01, conv_init=kaiming_fan_out`` (its
+    official code), DBB/RepVGG ``gamma_init=1``.
+
+    Args:
+        kind: one of :data:`BRANCH_KINDS`.
+        in_channels, out_channels, kernel_size, stride, padding, groups: the parent conv's geometry
+            (square K, symmetric int stride and padding).
+        gamma_init: the last BN's γ (keyword-only, required).
+        conv_init: a :data:`ConvInit` (e.g. :func:`kaiming_fan_out`) or ``None`` (PyTorch's default).
+            Convs are created (and ``conv_init`` called) in the branch's module order, so the
+            global RNG is consumed in a fixed order.
+        eps: every new BN's epsilon.
+        device, dtype: of the new parameters and buffers.
+
+    Returns:
+        the branch, in training mode; its ``equivalent_kernel()`` is ``(C_out, C_in/groups, K, K)``,
+        ``(C_out,)``.
 
     Raises:
+        TypeError: ``gamma_init`` missing.
         ValueError: unknown kind, invalid geometry, or a kind ineligible for it.
     """
     _check_kind(kind)
     factory = {"device": device, "dtype": dtype}
+    init = {"gamma_init": gamma_init, "conv_init": conv_init, "eps": eps}
     if kind == "kxk":
-        conv = _new_conv(in_channels, out_channels, kernel_size, stride, padding, groups, factory)
+        conv = _new_conv(in_channels, out_channels, kernel_size, stride, padding, groups, factory, conv_init)
         return KxkBranch(conv, _new_bn(out_channels, gamma_init, eps, factory))
     cls = _CLASSES[kind]
     if cls is ConvBNBranch:
         return ConvBNBranch(
-            kind, in_channels, out_channels, kernel_size, stride, padding, groups, gamma_init, eps, **factory
+            kind, in_channels, out_channels, kernel_size, stride, padding, groups, **init, **factory
         )
-    return cls(in_channels, out_channels, kernel_size, stride, padding, groups, gamma_init, eps, **factory)
+    return cls(in_channels, out_channels, kernel_size, stride, padding, groups, **init, **factory)
+
+
+def last_bn_gamma_abs_mean(branch: nn.Module) -> float:
+    """``mean_c |γ_c|`` of ``branch.last_bn`` (a Python float, dimensionless): the BN-scale magnitude
+    that importance rules build on (DyRep Eq. 9 normalises it by the ``kxk`` branch's; see
+    ``repsearch.methods.dyrep.dyrep_importance``).
+
+    Every branch kind here has a last BN, ``identity`` included (its bare BN) and ``kxk`` (its
+    ``bn``). Reads the values only (no autograd graph).
+
+    Raises:
+        ValueError: when the branch has no last BN (``last_bn`` missing, raising
+            ``NotImplementedError``, or ``None``) or that BN is not affine (no γ).
+    """
+    try:
+        bn = branch.last_bn
+    except (AttributeError, NotImplementedError):
+        bn = None
+    if bn is None or getattr(bn, "weight", None) is None:
+        raise ValueError(f"{type(branch).__name__} has no last BN with a γ to read an importance from")
+    return bn.weight.detach().abs().mean().item()

@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn as nn
 
 from repsearch.rep.block import RepBlock, eligible_branches
-from repsearch.rep.branches import Branch, conv_geometry
+from repsearch.rep.branches import Branch, ConvInit, conv_geometry
 
 __all__ = [
     "get_module",
@@ -211,7 +211,9 @@ def expand(
     model: nn.Module,
     path: str,
     kinds: Iterable[str],
-    gamma_init: float = 0.01,
+    *,
+    gamma_init: float,
+    conv_init: Optional[ConvInit] = None,
     compensate: bool = False,
 ) -> tuple[RepBlock, tuple[str, ...], dict[str, str]]:
     """Rep: turn the conv at ``path`` into a RepBlock with the eligible branches of ``kinds``
@@ -221,9 +223,18 @@ def expand(
     ``path`` gets the missing kinds added (RepAn re-expansion). Works at any depth (a conv inside a
     block's branch). Ineligible or already present kinds are skipped and recorded, not an error.
 
+    New branches are added in canonical kind order (:meth:`RepBlock.add_branch`), so the global RNG
+    is consumed in a fixed order.
+
     Args:
+        model: the model, modified in place.
+        path: dotted path of an ``nn.Conv2d`` or ``RepBlock``.
         kinds: requested branch kinds (``kxk`` implied).
-        gamma_init: the new branches' last-BN γ (DyRep 0.01; DBB/RepVGG 1).
+        gamma_init: the new branches' last-BN γ (keyword-only, required; DyRep 0.01, Fig. 4;
+            DBB/RepVGG 1).
+        conv_init: a :data:`~repsearch.rep.branches.ConvInit` applied to every new conv after
+            PyTorch's own init (DyRep's official code: ``kaiming_fan_out``), or ``None`` to keep
+            PyTorch's ``nn.Conv2d`` init.
         compensate: when true, call :meth:`RepBlock.compensate` with the module's eval-mode kernel
             from before the expansion, so that the block's eval output is unchanged (DyRep Eq. 6;
             calibrate the new BNs first if you want calibrated statistics).
@@ -232,8 +243,8 @@ def expand(
         ``(block, added_kinds, skipped)`` with ``skipped = {kind: reason}``.
 
     Raises:
-        KeyError: no module at ``path``; TypeError: it is neither a conv nor a block;
-        ValueError: unknown kind or a conv that cannot be re-parameterized.
+        KeyError: no module at ``path``; TypeError: it is neither a conv nor a block, or
+        ``gamma_init`` is missing; ValueError: unknown kind or a conv that cannot be re-parameterized.
     """
     mod = get_module(model, path)
     if not _is_convlike(mod):
@@ -258,7 +269,7 @@ def expand(
         if k in block.branches:
             skipped[k] = "already present"
             continue
-        block.add_branch(k, gamma_init=gamma_init)
+        block.add_branch(k, gamma_init=gamma_init, conv_init=conv_init)
         added.append(k)
     if target is not None:
         block.compensate(*target)
@@ -412,16 +423,33 @@ def structure(model: nn.Module) -> dict[str, dict]:
     return {path: block.describe() for path, block in _top_blocks(model).items()}
 
 
-def apply_structure(model: nn.Module, struct: dict[str, dict], gamma_init: float = 0.01) -> nn.Module:
+def apply_structure(
+    model: nn.Module,
+    struct: dict[str, dict],
+    *,
+    gamma_init: float,
+    conv_init: Optional[ConvInit] = None,
+) -> nn.Module:
     """Rebuild the training-time structure recorded by :func:`structure` on a plain model, in place,
     so that a saved ``state_dict`` of the grown model loads with ``strict=True``.
 
+    Args:
+        model: the plain (origin) model, modified in place.
+        struct: ``{path: RepBlock.describe()}`` as :func:`structure` returns it.
+        gamma_init, conv_init: initialisation of the rebuilt branches, passed to :func:`expand`
+            (``gamma_init`` keyword-only and required; both are irrelevant once a state_dict is
+            loaded, but they decide the values and the RNG draws before that).
+
+    Returns:
+        ``model``.
+
     Raises:
+        TypeError: ``gamma_init`` missing.
         ValueError: when the recorded branches cannot be rebuilt (different model).
     """
 
     def _apply(path: str, desc: dict) -> None:
-        block, _, _ = expand(model, path, desc["branches"], gamma_init=gamma_init)
+        block, _, _ = expand(model, path, desc["branches"], gamma_init=gamma_init, conv_init=conv_init)
         block.origin_bias = bool(desc.get("origin_bias", False))
         if set(block.kinds) != set(desc["branches"]):
             raise ValueError(f"'{path}': recorded branches {desc['branches']} but built {list(block.kinds)}")
