@@ -125,6 +125,8 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
     )
     if summary.rows:
         console.print(comparison_table(summary.rows, title=summary.study_name))
+    for line in summary.warnings:  # trials that trained but did not learn (tag not_learning)
+        console.print(line, style="yellow", markup=False, highlight=False)
     if summary.pareto:
         console.print(summary.pareto)
     console.print(

@@ -228,11 +228,14 @@ class Trainer:
         total_loss, total_correct = torch.stack([loss_sum.double(), correct.double()]).tolist()
         return total_loss / n, 100.0 * total_correct / n, n, lr
 
-    def fit(self) -> list[dict[str, float]]:
-        """Run every epoch; returns the per-epoch measures (also passed to ``on_epoch``). The TF32
-        flags found at the start are restored at the end."""
+    def fit(self, stop_after: Optional[int] = None) -> list[dict[str, float]]:
+        """Run the epochs after the last one run (all of them from a fresh trainer), on the schedule of
+        ``train.epochs``; ``stop_after`` (an epoch, from 1) stops early, leaving the LR schedule where
+        that epoch left it (a later ``fit`` continues). Returns the per-epoch measures so far (also
+        passed to ``on_epoch``). The TF32 flags found at the start are restored at the end."""
+        last = self.spec.epochs if stop_after is None else min(int(stop_after), self.spec.epochs)
         with tf32_scope(bool(getattr(self.spec, "tf32", False))):
-            for epoch in range(1, self.spec.epochs + 1):
+            for epoch in range(len(self.history) + 1, last + 1):
                 self._epoch(epoch)
         return self.history
 

@@ -19,9 +19,12 @@ from repsearch.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "ablation_scoring.yaml")
+#: Tiny overrides of the smoke profile; everything a test below relies on is set here (the profile's
+#: own values may change: e.g. ``method.interval=1`` gives a Rep step at every epoch up to grow_until).
 TINY = [
     "data.train_subset=64", "data.val_size=32", "data.test_subset=32", "model.width=0.0625",
     "train.batch_size=32", "train.eval_batch_size=64", "method.recal_batches=1", "method.probe_batches=1",
+    "method.interval=1",
 ]
 
 
@@ -71,6 +74,11 @@ def test_sweep_creates_one_parent_and_seven_finished_children(finished_sweep):
     client, parents, children = mlflow_runs(runs)
     assert len(parents) == 1 and len(children) == 7
     assert {c.info.status for c in children} == {"FINISHED"}
+    by_id = {c.info.run_id: c for c in children}
+    for t in trials:  # the trial's non-numeric facts (TrialResult.tags): Optuna user attribute and run tags
+        tags = t.user_attrs["tags"]
+        assert isinstance(tags, dict)
+        assert {k: by_id[t.user_attrs["mlflow_run_id"]].data.tags.get(k) for k in tags} == tags
     for c in children:
         assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         for key in ("val/top1", "train/loss", "flops_m", "avg_flops_m", "n_branches", "cost_gpu_hours", "mem_peak_mb"):

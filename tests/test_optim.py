@@ -72,3 +72,27 @@ def test_cosine_warmup_schedule():
     assert lrs[-1] > 0.001 and lrs[-1] < 0.0015
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert opt.param_groups[1]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_adamw_groups_sync_and_reset_policies():
+    from repsearch.optim import build_optimizer, reset_state
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1))
+    opt = build_optimizer(m, spec(optimizer="adamw", betas=(0.8, 0.95), eps=1e-7, wd_on_norm=False))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay"]
+    assert opt.param_groups[0]["betas"] == (0.8, 0.95) and opt.param_groups[0]["eps"] == 1e-7
+    m(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    exp_avg = opt.state[m[0].weight]["exp_avg"].clone()
+    m[2] = nn.Conv2d(4, 4, 3)  # a structure change: new params, the old 1x1 gone
+    counts = sync_param_groups(opt, m, wd_on_norm=False)
+    assert counts == {"added": 2, "removed": 2}
+    assert torch.equal(opt.state[m[0].weight]["exp_avg"], exp_avg)
+    # "changed": only the named parameters forget their moments; "all": every one
+    assert reset_state(opt, "changed", [m[0].weight]) == 1 and m[0].weight not in opt.state
+    assert m[1].weight in opt.state
+    assert reset_state(opt, "none") == 0 and m[1].weight in opt.state
+    assert reset_state(opt, "all") == 2 and len(opt.state) == 0
+    with pytest.raises(ValueError, match="reset policy"):
+        reset_state(opt, "some")

@@ -72,3 +72,58 @@ def test_deterministic_flag_is_set_both_ways():
     assert torch.are_deterministic_algorithms_enabled()
     seed_everything(0, deterministic=False)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+class GradNormSpy(Method):
+    """Records the global gradient norm before clipping (after_backward) and as the optimizer sees it."""
+
+    def __init__(self, spec=None):
+        super().__init__(spec)
+        self.before: list[torch.Tensor] = []
+        self.at_step: list[torch.Tensor] = []
+
+    def after_backward(self, model, step):
+        self.before.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
+
+    def optimizer(self, model, train_spec):
+        opt = super().optimizer(model, train_spec)
+        spy = self
+
+        def pre_hook(optimizer, args, kwargs):
+            grads = [p.grad.norm() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            spy.at_step.append(torch.linalg.vector_norm(torch.stack(grads)))
+
+        opt.register_step_pre_hook(pre_hook)
+        return opt
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_grad_clip_bounds_the_global_norm_between_after_backward_and_step(tiny_data, clip):
+    seed_everything(0)
+    method = GradNormSpy()
+    Trainer(build_model("vgg16", width=1 / 16), method, tiny_data.train, tiny_data.val,
+            TrainSpec(epochs=1, lr=0.05, grad_clip=clip), torch.device("cpu")).fit()
+    before, at_step = torch.stack(method.before), torch.stack(method.at_step)
+    assert len(before) == len(at_step) == len(tiny_data.train)
+    assert (before > 0.05).all()  # the gradients are larger than the clip
+    if clip is None:
+        assert torch.allclose(at_step, before)
+    else:
+        assert (at_step <= clip * (1 + 1e-5)).all() and torch.allclose(at_step, torch.full_like(at_step, clip), rtol=1e-4)
+
+
+def test_on_epoch_end_runs_after_validation_with_the_epochs_measures(tiny_data):
+    from repsearch.methods.base import EpochChanges
+
+    seen = {}
+
+    class Watch(Method):
+        def on_epoch_end(self, model, epoch, loader, measures):
+            seen[epoch] = dict(measures)
+            return EpochChanges()
+
+    model = build_model("vgg16", width=1 / 16)
+    history = Trainer(model, Watch(None), tiny_data.train, tiny_data.val, TrainSpec(epochs=2, lr=0.05),
+                      torch.device("cpu")).fit()
+    for epoch, m in enumerate(history, start=1):
+        assert seen[epoch]["val/top1"] == m["val/top1"] and seen[epoch]["train/loss"] == m["train/loss"]
