@@ -57,6 +57,17 @@ def register_measure(
 ) -> Measure:
     """Register a measure so that objectives, reports and the Trainer accept it.
 
+    Args:
+        name: the metric name as logged (``val/top1``; ``test/`` names are never objectives).
+        unit: its unit in words (``%``, ``M MACs``, ``epochs``, ``count``, ``s``...).
+        description: one line: what it is, where it comes from.
+        when: ``epoch`` (every epoch, step = epoch) or ``final`` (once per trial).
+        objective: whether ``sweep.objective.metric`` may name it.
+        replace: allow re-registering a name with other attributes.
+
+    Returns:
+        the registered :class:`Measure`.
+
     Raises:
         ValueError: ``name`` is already registered with other attributes (and not ``replace``), or
             ``when`` is neither ``epoch`` nor ``final``.
@@ -85,10 +96,11 @@ def check_measures(values: dict, when: str, source: str) -> None:
     """Check that every key of ``values`` is a registered measure (``when``: ``epoch``/``final``).
 
     Raises:
-        KeyError: an unregistered name (a bug in ``source``, not a user mistake); the message names
-            the source and points to :func:`register_measure`.
+        KeyError: an unregistered name, or a ``final`` measure reported per epoch (a bug in
+            ``source``, not a user mistake); the message names the source and points to
+            :func:`register_measure`.
     """
-    unknown = [k for k in values if k not in MEASURES]
+    unknown = [k for k in values if k not in MEASURES or (when == "epoch" and MEASURES[k].when != "epoch")]
     if unknown:
         raise KeyError(
             f"{source}: {when} measure(s) {', '.join(map(repr, unknown))} not registered; "

@@ -40,8 +40,8 @@ def build_sgd(model: nn.Module, train_spec) -> torch.optim.SGD:
     ``no_decay`` (0). Both groups always exist so schedulers keep one base LR per group."""
     decay, no_decay = split_decay(model, train_spec.wd_on_norm)
     groups = [
-        {"params": decay, "weight_decay": train_spec.weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        {"params": decay, "weight_decay": train_spec.weight_decay, "name": "decay", "wd_on_norm": train_spec.wd_on_norm},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay", "wd_on_norm": train_spec.wd_on_norm},
     ]
     return torch.optim.SGD(
         groups, lr=train_spec.lr, momentum=train_spec.momentum, nesterov=train_spec.nesterov
@@ -53,8 +53,8 @@ def build_adamw(model: nn.Module, train_spec) -> torch.optim.AdamW:
     and the same ``decay``/``no_decay`` groups as :func:`build_sgd`."""
     decay, no_decay = split_decay(model, train_spec.wd_on_norm)
     groups = [
-        {"params": decay, "weight_decay": train_spec.weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        {"params": decay, "weight_decay": train_spec.weight_decay, "name": "decay", "wd_on_norm": train_spec.wd_on_norm},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay", "wd_on_norm": train_spec.wd_on_norm},
     ]
     return torch.optim.AdamW(groups, lr=train_spec.lr, betas=tuple(train_spec.betas), eps=train_spec.eps)
 

@@ -26,6 +26,11 @@ class MethodSpecModel(SpecModel):
 
     name: str
 
+    def hash_ignored(self) -> set[str]:
+        """Fields that cannot change results in this configuration and so stay out of the study hash
+        (default: none)."""
+        return set()
+
 
 def check_space(value: Any) -> Any:
     """Validate an operation space (a name from ``spaces/`` or an inline list of branch types).

@@ -901,8 +901,8 @@ def select_op(
             BN running statistics are restored afterwards).
         ops: ordered mapping op path -> ``nn.Conv2d``: the candidates.
         probe_batches_fn: ``() -> iterable of (images (N, C, H, W), labels (N,))``; called (once)
-            only by metrics that need probe batches (grasp, vote).
-        loss_fn: ``loss_fn(logits, labels) -> 0-dim tensor`` (grasp, vote).
+            only by metrics that need probe batches (grasp; vote with grasp among its voters).
+        loss_fn: ``loss_fn(logits, labels) -> 0-dim tensor`` (grasp; vote with grasp among its voters).
         generator: seeded ``torch.Generator`` (random, or a vote with random as a voter).
         voters: the metrics that vote when ``metric`` is ``vote`` (keyword; ``None``:
             :data:`DEFAULT_VOTERS` = grad_norm, snip, synflow); validated by :func:`check_voters`

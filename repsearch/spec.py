@@ -37,7 +37,7 @@ from pydantic import (
 from repsearch.errors import UserError
 from repsearch.measures import objective_metrics
 from repsearch.methods import method_specs
-from repsearch.schema import MethodSpecModel, SpecModel, check_space
+from repsearch.schema import MethodSpecModel, SpecModel
 
 SAMPLERS = ("grid", "tpe", "random", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "hyperband")
@@ -109,6 +109,15 @@ class ModelSpec(_Spec):
     def options(self) -> dict[str, Any]:
         """The constructor options beyond ``name`` and ``width`` (validated values)."""
         return dict(self.model_extra or {})
+
+    def non_default_options(self) -> dict[str, Any]:
+        """The options whose value differs from the constructor's default (what the study hash sees)."""
+        import inspect
+
+        from repsearch.models import MODELS
+
+        params = inspect.signature(MODELS[self.name]).parameters
+        return {k: v for k, v in self.options.items() if k not in params or params[k].default != v}
 
 
 # --------------------------------------------------------------------------------------- method
@@ -653,17 +662,24 @@ def _non_defaults(value: Any) -> Any:
 
     A pydantic model keeps its ``name`` (the discriminator of the method union: two methods with
     default fields must not hash alike) and every field whose value differs from its default, itself
-    reduced the same way; extra keys (model constructor options) are kept. Lists and dicts are
+    reduced the same way, except the fields a method declares irrelevant in its configuration
+    (``MethodSpecModel.hash_ignored``, e.g. DyRep's ``voters`` unless it scores by vote); model
+    constructor options are kept unless equal to the constructor's default. Lists and dicts are
     reduced element by element.
+
+    The price of this rule: changing a default in a later release keeps the old study names although
+    results may change; such a release must say so (and may rename studies on purpose).
     """
     if isinstance(value, BaseModel):
         out: dict[str, Any] = {}
+        ignored = value.hash_ignored() if isinstance(value, MethodSpecModel) else set()
         for key, info in type(value).model_fields.items():
             v = getattr(value, key)
-            if key != "name" and v == _field_default(info):
+            if key in ignored or (key != "name" and v == _field_default(info)):
                 continue
             out[key] = _non_defaults(v)
-        for key, v in (value.model_extra or {}).items():
+        extra = value.non_default_options() if isinstance(value, ModelSpec) else (value.model_extra or {})
+        for key, v in extra.items():
             out[key] = _non_defaults(v)
         return out
     if isinstance(value, dict):

@@ -60,9 +60,13 @@ def set_tf32(on: bool | tuple[bool, bool]) -> None:
     torch.backends.cudnn.allow_tf32 = bool(cudnn)
 
 
-class tf32_scope:
-    """Context manager: set the TF32 flags to ``on`` and restore the previous flags on exit (trials
-    run one after another in one process)."""
+class tf32_scope:  # noqa: N801 (a context manager, used like a function)
+    """Context manager: set both TF32 flags (CUDA matmuls, cuDNN convolutions) to ``on`` and restore
+    the previous flags on exit, errors included (trials run one after another in one process).
+
+    Args:
+        on: allow TF32 (10-bit mantissa, ~1e-3 relative error) inside the scope; False = exact fp32.
+    """
 
     def __init__(self, on: bool):
         self.on = bool(on)
@@ -274,8 +278,8 @@ class Trainer:
             "n_branches": float(n_branches),
         }
         changes = method.on_epoch_end(self.model, epoch, self.train_loader, dict(m))
-        if isinstance(changes, bool):  # a version-1 method: True = structure changed
-            changes = EpochChanges(structure_changed=changes)
+        if not isinstance(changes, EpochChanges):
+            raise TypeError(f"method {method.name}: on_epoch_end must return EpochChanges, got {type(changes).__name__}")
         if changes:
             counts = method.sync_optimizer(self.optimizer, self.model, changes)
             log.debug("epoch %d: optimizer synced after %s: %s", epoch, changes, counts)

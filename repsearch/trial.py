@@ -67,26 +67,30 @@ def learning_check(history: list[dict[str, float]], num_classes: int, n_val: int
     """Why a trial did not learn, or None when it did (issue: "a dead run never looks like a result").
 
     A trial is marked when (a) its training loss stayed within 1% of ln(classes) — the loss of a
-    uniform prediction — for :data:`COLLAPSE_EPOCHS` consecutive epochs after the first, or (b) its
-    val/top1 stayed at chance in every epoch: at most 100/classes % plus two binomial standard
-    errors of an ``n_val``-image validation split (at least 2 points).
+    uniform prediction — for the last :data:`COLLAPSE_EPOCHS` or more consecutive epochs after the
+    first (a run that collapsed and recovered is not marked), or (b) its val/top1 stayed at chance
+    in every epoch: at most 100/classes % plus two binomial standard errors of an ``n_val``-image
+    validation split (at least 2 points).
 
     Args:
         history: per-epoch measures with ``train/loss`` (nats) and ``val/top1`` (%), epoch 1 first.
         num_classes: number of classes (chance = 100/num_classes %).
         n_val: validation images (for the chance band).
+
+    Returns:
+        a one-line reason (the ``not_learning`` tag), or None.
     """
     if not history or num_classes < 2:
         return None
     ln_c = math.log(num_classes)
-    run: list[int] = []
+    run: list[int] = []  # the plateau that reaches the last epoch
     for epoch, m in enumerate(history, start=1):
         if epoch > 1 and abs(m["train/loss"] - ln_c) <= COLLAPSE_LOSS_TOL * ln_c:
             run.append(epoch)
-            if len(run) >= COLLAPSE_EPOCHS:
-                return f"train/loss within 1% of ln({num_classes}) = {ln_c:.3f} for epochs {run[0]}-{run[-1]}"
         else:
             run = []
+    if len(run) >= COLLAPSE_EPOCHS:
+        return f"train/loss within 1% of ln({num_classes}) = {ln_c:.3f} for epochs {run[0]}-{run[-1]}"
     chance = 100.0 / num_classes
     p = 1.0 / num_classes
     band = max(2.0, 200.0 * math.sqrt(p * (1 - p) / max(1, n_val)))
@@ -112,19 +116,11 @@ def deploy_check(trained: nn.Module, deployed: nn.Module, loader, device: torch.
     Runs in fp32 with TF32 off on CUDA. Returns ``deploy/max_abs_err``, ``deploy/rel_err``
     (= max_abs_err / max(1, max|y_ref|)), ``deploy/val_top1`` and ``train_model/val_top1`` (percent).
     """
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    try:
+    with tf32_scope(False):
         trained_mode = trained.training
         y_ref, labels = _outputs(trained, loader)
         y_dep, _ = _outputs(deployed, loader)
         trained.train(trained_mode)
-    finally:
-        if cuda:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
     max_abs, ref_max, top_ref, top_dep = torch.stack(
         [
             (y_dep - y_ref).abs().max(),
@@ -247,7 +243,7 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method) -> T
     final.update(numbers)
     for k, v in method.final_measures().items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            numbers[k] = final[k] = float(v)
+            final[k] = float(v)
         else:
             tags[k] = v if isinstance(v, str) else json.dumps(v, default=_jsonable)
     check_measures({k: v for k, v in final.items() if k not in history[-1]}, "final", f"method {method.name}")

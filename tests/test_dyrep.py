@@ -260,3 +260,34 @@ def test_scoring_stops_after_the_last_adjustment_and_synflow_wants_fp32():
     assert m.accumulator is None
     m.after_backward(model, 0)  # no scoring any more: a no-op
     assert not m.on_epoch_end(model, 12, data)
+
+
+def test_state_round_trips_through_a_weights_only_checkpoint_after_rep(tiny_data, tmp_path):
+    """DyRep's state (counters, events, RNG, saliency sums) reloads into a DyRep prepared on a model
+    rebuilt with the same grown structure (the checkpoint contract of the method interface v2)."""
+    from repsearch.rep import apply_structure, structure
+
+    torch.manual_seed(0)
+    spec = DyRepSpec(scoring="snip", interval=1, grow_until=5, recal_batches=1, dep_threshold=0.0)
+    method = DyRep(spec, seed=3)
+    model = method.prepare(build_model("vgg16", width=1 / 16), tiny_data.train)
+    Trainer(model, method, tiny_data.train, tiny_data.val, TrainSpec(epochs=5, lr=0.05), torch.device("cpu")).fit(stop_after=2)
+    assert method.n_rep == 2
+    x, y = next(iter(tiny_data.train))
+    nn.functional.cross_entropy(model(x), y).backward()
+    method.after_backward(model, 0)  # non-zero saliency sums since the last adjustment
+    path = tmp_path / "dyrep_state.pt"
+    torch.save(method.state_dict(), path)
+
+    clone = build_model("vgg16", width=1 / 16)
+    apply_structure(clone, structure(model), gamma_init=spec.gamma_init)
+    clone.load_state_dict(model.state_dict(), strict=True)
+    again = DyRep(spec, seed=0)
+    again.prepare(clone, tiny_data.train)
+    again.load_state_dict(torch.load(path, weights_only=True))
+    assert (again.n_rep, again.n_dep, again.n_cut) == (method.n_rep, method.n_dep, method.n_cut)
+    assert again.events == json.loads(json.dumps(method.events, default=str)) or again.events == method.events
+    assert again.accumulator.averages() == method.accumulator.averages()
+    assert torch.equal(torch.rand(4, generator=again.generator), torch.rand(4, generator=method.generator))
+    with pytest.raises(ValueError, match="prepare"):
+        DyRep(spec).load_state_dict(torch.load(path, weights_only=True))

@@ -46,7 +46,7 @@ def test_origin_arm_of_the_smoke_profile_learns(smoke_data, seed):
     data = build_data(kw["root"], dataset="cifar10", val_size=kw["val_size"], split_seed=kw["split_seed"],
                       train_subset=kw["train_subset"], test_subset=kw["test_subset"], cutout=kw["cutout"],
                       batch_size=kw["batch_size"], eval_batch_size=kw["eval_batch_size"], seed=seed)
-    model = build_model(r.model.name, **model_kwargs(r.model.name, 10, r.model.width))
+    model = build_model(r.model.name, **model_kwargs(r.model.name, 10, r.model.width, **r.model.options))
     method = build_method(r, "cpu")
     trainer = Trainer(method.prepare(model, data.train), method, data.train, data.val, r.train, torch.device("cpu"))
     history = trainer.fit(stop_after=FIRST_EPOCHS)
@@ -65,6 +65,9 @@ def test_learning_check_flags_dead_runs_only():
     # loss still near ln(10) for only 2 epochs, then learning: not flagged
     slow = [{"train/loss": ln10, "val/top1": 10.0}] * 3 + alive[3:]
     assert learning_check(slow, 10, 256) is None
+    # collapsed for epochs 2-4, then recovered: not flagged either
+    recovered = [{"train/loss": ln10, "val/top1": 10.0}] * 4 + [{"train/loss": 1.5, "val/top1": 60.0 + i} for i in range(6)]
+    assert learning_check(recovered, 10, 256) is None
     # loss moving but val/top1 stuck at chance in every epoch
     stuck = [{"train/loss": 2.0 - 0.1 * i, "val/top1": 11.0} for i in range(10)]
     assert "val/top1 at chance" in learning_check(stuck, 10, 256)

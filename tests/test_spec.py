@@ -240,6 +240,8 @@ def test_model_options_are_checked_against_the_constructor(monkeypatch):
     # an option changes the study hash; its default value written out does not
     assert recipe_hash(validate_dict({"model": {"name": "toy", "stem_stride": 1}}, "x")) != recipe_hash(
         validate_dict({"model": {"name": "toy"}}, "x"))
+    assert recipe_hash(validate_dict({"model": {"name": "toy", "stem_stride": 2}}, "x")) == recipe_hash(
+        validate_dict({"model": {"name": "toy"}}, "x"))
 
 
 def test_voters_field():
@@ -247,5 +249,12 @@ def test_voters_field():
     assert r.method.voters == ["grad_norm", "snip", "synflow"]
     r = validate_dict({"method": {"name": "dyrep", "scoring": "vote", "voters": ["grad_norm", "snip", "grasp", "synflow"]}}, "x")
     assert "grasp" in r.method.voters
+    # the order of voters does not matter; voters do not matter unless scoring is vote
+    a = validate_dict({"method": {"name": "dyrep", "scoring": "vote", "voters": ["synflow", "snip", "grasp"]}}, "x")
+    b = validate_dict({"method": {"name": "dyrep", "scoring": "vote", "voters": ["grasp", "snip", "synflow"]}}, "x")
+    assert a.method.voters == ["snip", "grasp", "synflow"] and recipe_hash(a) == recipe_hash(b)
+    c = validate_dict({"method": {"name": "dyrep", "scoring": "snip", "voters": ["grasp", "snip"]}}, "x")
+    assert recipe_hash(c) == recipe_hash(validate_dict({"method": {"name": "dyrep", "scoring": "snip"}}, "x"))
+    assert recipe_hash(a) != recipe_hash(validate_dict({"method": {"name": "dyrep", "scoring": "vote"}}, "x"))
     assert "method.voters" in err({"method": {"name": "dyrep", "voters": ["snip", "sinflow"]}})
     assert "method.voters" in err({"method": {"name": "dyrep", "voters": ["vote"]}})

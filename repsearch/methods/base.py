@@ -179,7 +179,10 @@ class Method:
         """
         counts = {"added": 0, "removed": 0, "reset": 0}
         if changes.structure_changed:
-            wd_on_norm = getattr(self.recipe.train, "wd_on_norm", True) if self.recipe is not None else True
+            # the split rule the groups were built with (repsearch.optim stores it in each group)
+            wd_on_norm = optimizer.param_groups[0].get("wd_on_norm")
+            if wd_on_norm is None:
+                wd_on_norm = self.recipe.train.wd_on_norm if self.recipe is not None else True
             counts.update(optim.sync_param_groups(optimizer, model, wd_on_norm))
         counts["reset"] = optim.reset_state(optimizer, changes.reset_optimizer, changes.changed)
         return counts

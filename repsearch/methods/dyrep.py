@@ -20,7 +20,8 @@ schedule contract):
    branch alone becomes a plain conv again.
 
 Saliency scores (:mod:`repsearch.scoring`) accumulate on the device after every backward, with no
-host sync per step; GraSP (and vote) probe ``probe_batches`` training batches at adjustment time.
+host sync per step; GraSP (and vote with grasp among its voters) probe ``probe_batches`` training batches at adjustment
+time.
 """
 
 from __future__ import annotations
@@ -82,7 +83,14 @@ class DyRepSpec(MethodSpecModel):
     @field_validator("voters")
     @classmethod
     def _voters(cls, v: list[str]) -> list[str]:
-        return list(scoring.check_voters(v))
+        """Checked against the metric registry and put in registry order: the vote does not depend
+        on the voters' order, so two orders are one recipe (one study)."""
+        order = scoring.available_metrics()
+        return sorted(scoring.check_voters(v), key=order.index)
+
+    def hash_ignored(self) -> set[str]:
+        """``voters`` matter only when ``scoring`` is ``vote``."""
+        return set() if self.scoring == "vote" else {"voters"}
 
     def check_recipe(self, recipe) -> None:
         """Cross-section check (called by the Recipe's validation).
@@ -315,5 +323,7 @@ class DyRep(Method):
         self.generator.set_state(state["generator"])
         if state.get("accumulator") is None:
             self.accumulator = None
-        elif self.accumulator is not None:
+        elif self.accumulator is None:
+            raise ValueError("DyRep state holds saliency scores but this DyRep has no accumulator: call prepare() first")
+        else:
             self.accumulator.load_state_dict(state["accumulator"])
