@@ -490,3 +490,41 @@ class Tracker:
             self.client.set_terminated(run_id, "KILLED")
         except MlflowException as exc:
             log.warning("could not mark MLflow run %s KILLED: %s", run_id, _one_line(str(exc)))
+
+    def download_artifact(self, run_id: str, artifact: str, dst_dir: Path) -> Path:
+        """Download one artifact (a file name such as ``deployed.pt`` or ``scales.pt``) of run ``run_id``
+        into ``dst_dir`` and return its local path.
+
+        Raises:
+            TrackingError: no run with that id, or the run has no such artifact (one line).
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            raise TrackingError(f"no MLflow run with id {run_id!r} in {self.stores.tracking_uri}") from None
+        dst_dir = Path(dst_dir)
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            local = self.client.download_artifacts(run.info.run_id, artifact, str(dst_dir))
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(f"run {run_id} has no artifact {artifact!r} ({_one_line(str(exc), 200)})") from None
+        return Path(local)
+
+    def run_info(self, run_id: str) -> Optional[dict[str, Any]]:
+        """``{"status", "tags", "params", "metrics", "study_name"}`` of run ``run_id``, or None if it
+        does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return {
+            "status": run.info.status,
+            "tags": dict(run.data.tags),
+            "params": dict(run.data.params),
+            "metrics": dict(run.data.metrics),
+            "study_name": run.data.tags.get("study_name"),
+        }
