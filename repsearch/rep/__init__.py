@@ -5,7 +5,11 @@ No training logic and no import from the rest of repsearch. Layers:
 - :mod:`repsearch.rep.fuse`: pure tensor transforms to one KxK kernel ``(W, b)``.
 - :mod:`repsearch.rep.branches`: branch modules with ``equivalent_kernel()``.
 - :mod:`repsearch.rep.block`: :class:`RepBlock` (add / compensate / remove / fuse).
-- :mod:`repsearch.rep.surgery`: conv→BN pairs, expand, collapse, deploy, structure.
+- :mod:`repsearch.rep.csla`: :class:`CSLABlock`, RepOptimizers' BN-free constant-scale block
+  (RepOpt §3.2).
+- :mod:`repsearch.rep.surgery`: conv→BN pairs, expand, collapse, deploy, structure; any module of
+  the block protocol (:func:`is_rep_block`: ``equivalent_kernel``, ``fuse``, ``describe``,
+  ``origin_bias``, geometry) is a block there.
 
 No method's choices are baked in: callers pass the new branches' last-BN γ (``gamma_init``,
 required), their conv initialiser (``conv_init``: a :data:`ConvInit` such as
@@ -32,6 +36,7 @@ from repsearch.rep.branches import (
     make_branch,
     reset_bn_to_identity,
 )
+from repsearch.rep.csla import CSLABlock
 from repsearch.rep.fuse import (
     avg_kernel,
     conv_kernel,
@@ -51,6 +56,7 @@ from repsearch.rep.surgery import (
     expand,
     fuse_blocks,
     get_module,
+    is_rep_block,
     nesting_depth,
     repblocks,
     set_module,
@@ -62,6 +68,7 @@ __all__ = [
     "PADDING_FREE_KINDS",
     "BNAndPad",
     "Branch",
+    "CSLABlock",
     "ConvBNBranch",
     "ConvInit",
     "IdentityBranch",
@@ -88,6 +95,7 @@ __all__ = [
     "get_module",
     "identity_kernel",
     "ineligibility",
+    "is_rep_block",
     "kaiming_fan_out",
     "last_bn_gamma_abs_mean",
     "make_branch",

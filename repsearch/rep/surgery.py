@@ -2,8 +2,23 @@
 
 Paths are the dotted names of ``model.named_modules()`` (``"features.0"``,
 ``"features.0.branches.kxk.conv"``). The *nesting depth* of a module is the number of
-:class:`RepBlock` s strictly above it (the model's own convs: 0; the ``kxk`` conv of a block or the
-inner KxK conv of its ``1x1-kxk`` branch: 1).
+re-parameterizable blocks strictly above it (the model's own convs: 0; the ``kxk`` conv of a block
+or the inner KxK conv of its ``1x1-kxk`` branch: 1).
+
+Re-parameterizable block protocol (:func:`is_rep_block`): besides :class:`RepBlock`, any
+``nn.Module`` that is not a :class:`~repsearch.rep.branches.Branch` and exposes
+
+- ``equivalent_kernel() -> (W, b)``: the block as one conv, ``(C_out, C_in/groups, K, K)`` and
+  ``(C_out,)``, in eval mode;
+- ``fuse() -> nn.Conv2d``: that conv as a module (with a bias, or without one when the bias is 0);
+- ``describe() -> dict``: JSON-able, with ``"type"`` and ``"branches"`` (list of branch kinds);
+- ``origin_bias``: whether the replaced conv had a bias;
+- geometry ints ``in_channels, out_channels, kernel_size, stride, padding, groups``
+
+is treated as a block by :func:`conv_bn_pairs`, :func:`nesting_depth`, :func:`fuse_blocks`,
+:func:`deploy`, :func:`count_branches` and :func:`structure` (e.g.
+:class:`~repsearch.rep.csla.CSLABlock`, RepOpt §3.2). Growth and pruning (:func:`expand`,
+:func:`collapse`, :func:`repblocks`, :func:`apply_structure`) are RepBlock-only.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from repsearch.rep.block import RepBlock, eligible_branches
 from repsearch.rep.branches import Branch, ConvInit, conv_geometry
 
 __all__ = [
+    "is_rep_block",
     "get_module",
     "set_module",
     "conv_bn_pairs",
@@ -71,8 +87,28 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent._modules[name] = new
 
 
+_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "groups")
+
+
+def is_rep_block(m: object) -> bool:
+    """Whether ``m`` is a re-parameterizable block (the module docstring's protocol): a
+    :class:`RepBlock`, or an ``nn.Module`` that is not a ``Branch``, has a callable
+    ``equivalent_kernel`` and ``fuse``, an ``origin_bias`` attribute and int geometry attributes
+    (``in_channels, out_channels, kernel_size, stride, padding, groups``). A plain ``nn.Conv2d``
+    (tuple ``kernel_size``, no ``equivalent_kernel``) and a branch are not blocks."""
+    if isinstance(m, RepBlock):
+        return True
+    if not isinstance(m, nn.Module) or isinstance(m, Branch):
+        return False
+    if not (callable(getattr(m, "equivalent_kernel", None)) and callable(getattr(m, "fuse", None))):
+        return False
+    if not hasattr(m, "origin_bias"):
+        return False
+    return all(isinstance(getattr(m, a, None), int) for a in _GEOMETRY)
+
+
 def _block_paths(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, RepBlock)]
+    return [n for n, m in model.named_modules() if is_rep_block(m)]
 
 
 def _depth(path: str, block_paths: Iterable[str]) -> int:
@@ -81,7 +117,8 @@ def _depth(path: str, block_paths: Iterable[str]) -> int:
 
 
 def nesting_depth(model: nn.Module, path: str) -> int:
-    """Number of RepBlocks strictly above the module at ``path`` (0 for the model's own convs).
+    """Number of blocks (:func:`is_rep_block`) strictly above the module at ``path`` (0 for the
+    model's own convs).
 
     Raises:
         KeyError: when no module lives at ``path``.
@@ -91,13 +128,13 @@ def nesting_depth(model: nn.Module, path: str) -> int:
 
 
 def _is_convlike(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv2d, RepBlock))
+    return isinstance(m, nn.Conv2d) or is_rep_block(m)
 
 
 # ---------------------------------------------------------------------------------- conv→BN pairs
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # noqa: D401
-        return isinstance(m, RepBlock) or super().is_leaf_module(m, qualname)
+        return is_rep_block(m) or super().is_leaf_module(m, qualname)
 
 
 def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
@@ -126,7 +163,7 @@ def _pairs_registration(model: nn.Module) -> list[tuple[str, str]]:
     pairs = []
     inside = _block_paths(model)
     for name, parent in model.named_modules():
-        if isinstance(parent, RepBlock) or any(name.startswith(bp + ".") for bp in inside if bp):
+        if is_rep_block(parent) or any(name.startswith(bp + ".") for bp in inside if bp):
             continue
         children = list(parent.named_children())
         for (na, a), (nb, b) in zip(children, children[1:]):
@@ -137,10 +174,10 @@ def _pairs_registration(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``[(conv_path, bn_path)]`` for every ``nn.Conv2d`` or RepBlock outside any RepBlock whose output
-    feeds only a ``BatchNorm2d`` of matching width.
+    """``[(conv_path, bn_path)]`` for every ``nn.Conv2d`` or block (:func:`is_rep_block`) outside any
+    block whose output feeds only a ``BatchNorm2d`` of matching width.
 
-    Uses ``torch.fx`` symbolic tracing (RepBlocks as leaves; a module called more than once is not
+    Uses ``torch.fx`` symbolic tracing (blocks as leaves; a module called more than once is not
     paired); when tracing fails (data-dependent control flow), falls back to registration order:
     a conv immediately followed by a BN among the children of one parent (true of ``nn.Sequential``
     and of the usual ``conv1, bn1, conv2, bn2`` blocks).
@@ -168,7 +205,7 @@ def candidate_convs(model: nn.Module, max_depth: int = 2) -> dict[str, nn.Conv2d
     """Convs that Rep may grow (DyRep Sec. 3.3; DESIGN.md "DyRep schedule").
 
     Every ``nn.Conv2d`` with a square kernel K > 1 (dilation 1, zero padding mode) nested in fewer
-    than ``max_depth`` RepBlocks: depth 0 = the model's own convs, depth 1 = the ``kxk`` conv of a
+    than ``max_depth`` blocks (:func:`is_rep_block`): depth 0 = the model's own convs, depth 1 = the ``kxk`` conv of a
     block and the inner KxK conv of its ``1x1-kxk`` branch.
 
     Returns:
@@ -188,7 +225,8 @@ def candidate_convs(model: nn.Module, max_depth: int = 2) -> dict[str, nn.Conv2d
 
 
 def repblocks(model: nn.Module, deepest_first: bool = False) -> dict[str, RepBlock]:
-    """``{path: block}`` for every RepBlock, nested ones included.
+    """``{path: block}`` for every :class:`RepBlock`, nested ones included (other blocks of the
+    :func:`is_rep_block` protocol, e.g. a CSLABlock, are not listed: this is the DyRep/RepAn view).
 
     Args:
         deepest_first: order by nesting depth, deepest first (stable within a depth); otherwise
@@ -201,7 +239,7 @@ def repblocks(model: nn.Module, deepest_first: bool = False) -> dict[str, RepBlo
     return dict(items)
 
 
-def _top_blocks(model: nn.Module) -> dict[str, RepBlock]:
+def _top_blocks(model: nn.Module) -> dict[str, nn.Module]:
     paths = _block_paths(model)
     return {n: get_module(model, n) for n in paths if _depth(n, paths) == 0}
 
@@ -247,7 +285,7 @@ def expand(
         ``gamma_init`` is missing; ValueError: unknown kind or a conv that cannot be re-parameterized.
     """
     mod = get_module(model, path)
-    if not _is_convlike(mod):
+    if not isinstance(mod, (nn.Conv2d, RepBlock)):
         raise TypeError(f"'{path}' is a {type(mod).__name__}, not an nn.Conv2d or RepBlock")
     kept, skipped = eligible_branches(mod, kinds)
     target = None
@@ -341,17 +379,17 @@ def collapse(model: nn.Module, path: str) -> nn.Module:
 
 
 def fuse_blocks(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every top-level RepBlock by its fused ``nn.Conv2d`` with bias (nested blocks fused
-    into their parent's kernel). Exact in eval mode (DyRep Fig. 2, deploy).
+    """Replace every top-level block (:func:`is_rep_block`) by its ``fuse()`` conv (a RepBlock: with
+    bias; nested blocks fused into their parent's kernel). Exact in eval mode (DyRep Fig. 2, deploy).
 
     Args:
         inplace: modify ``model`` itself instead of a deep copy.
 
     Returns:
-        the model with no RepBlock left (a copy unless ``inplace``).
+        the model with no block left (a copy unless ``inplace``).
     """
     m = model if inplace else copy.deepcopy(model)
-    if isinstance(m, RepBlock):
+    if is_rep_block(m):
         return m.fuse()
     for path, block in _top_blocks(m).items():
         set_module(m, path, block.fuse())
@@ -362,18 +400,19 @@ def fuse_blocks(model: nn.Module, inplace: bool = False) -> nn.Module:
 def deploy(model: nn.Module) -> nn.Module:
     """The inference model: exactly the origin architecture (DyRep Fig. 2; DESIGN.md "Models").
 
-    Deep-copies ``model``, fuses every top-level RepBlock into one conv, and folds that conv's bias
-    into the BN that follows it (``running_mean −= bias``; the bias is removed) unless the original
-    conv had a bias. The result has the origin model's modules and ``state_dict`` keys and shapes;
+    Deep-copies ``model``, fuses every top-level block (:func:`is_rep_block`: RepBlock, CSLABlock)
+    into one conv, and folds that conv's bias into the BN that follows it (``running_mean −= bias``;
+    the bias is removed) unless the original conv had a bias (a block whose ``fuse()`` gives no bias
+    needs no folding). The result has the origin model's modules and ``state_dict`` keys and shapes;
     a model without blocks deploys to (a copy of) itself.
 
     Raises:
         ValueError: naming the path, when a fused conv has a non-zero bias, the original conv had
             none, and no BatchNorm (with running statistics) follows it.
     """
-    if isinstance(model, RepBlock):  # the model is one block: its conv, no BN to fold into
+    if is_rep_block(model):  # the model is one block: its conv, no BN to fold into
         conv = model.fuse()
-        if not model.origin_bias:
+        if not model.origin_bias and conv.bias is not None:
             bias = conv.bias.detach()
             conv.bias = None
             if bool((bias != 0).any()):
@@ -385,7 +424,7 @@ def deploy(model: nn.Module) -> nn.Module:
     for path, block in top.items():
         conv = block.fuse()
         set_module(m, path, conv)
-        if block.origin_bias:
+        if block.origin_bias or conv.bias is None:
             continue
         bias = conv.bias.detach().clone()
         conv.bias = None
@@ -406,20 +445,25 @@ def deploy(model: nn.Module) -> nn.Module:
 def count_branches(model: nn.Module) -> int:
     """``n_branches``: the number of branch modules in the model (every branch of every block, nested
     ones included; a ``kxk`` branch holding a nested block counts 1 besides the nested branches) plus
-    1 for every ``nn.Conv2d`` outside any block. A plain model gives its number of convs."""
+    1 for every ``nn.Conv2d`` outside any block. A block of the :func:`is_rep_block` protocol that
+    is not a RepBlock counts ``len(describe()["branches"])`` (a CSLABlock: 2, or 3 with identity).
+    A plain model gives its number of convs."""
     blocks = _block_paths(model)
     n = 0
     for name, m in model.named_modules():
         if isinstance(m, Branch):
             n += 1
+        elif not isinstance(m, RepBlock) and is_rep_block(m):
+            n += len(m.describe()["branches"])
         elif isinstance(m, nn.Conv2d) and _depth(name, blocks) == 0:
             n += 1
     return n
 
 
 def structure(model: nn.Module) -> dict[str, dict]:
-    """``{path: RepBlock.describe()}`` for every top-level block (nested ones inside ``nested``);
-    JSON-able, for ``structure.json``. Rebuild with :func:`apply_structure`."""
+    """``{path: block.describe()}`` for every top-level block (:func:`is_rep_block`; nested RepBlocks
+    inside ``nested``); JSON-able, for ``structure.json``. Rebuild RepBlocks with
+    :func:`apply_structure` (other block types are rebuilt by the method that made them)."""
     return {path: block.describe() for path, block in _top_blocks(model).items()}
 
 
@@ -445,10 +489,14 @@ def apply_structure(
 
     Raises:
         TypeError: ``gamma_init`` missing.
-        ValueError: when the recorded branches cannot be rebuilt (different model).
+        ValueError: when the recorded branches cannot be rebuilt (different model), or a recorded
+            block is not a RepBlock (e.g. a ``CSLABlock``: its method rebuilds it).
     """
 
     def _apply(path: str, desc: dict) -> None:
+        kind = desc.get("type", "RepBlock")
+        if kind != "RepBlock":
+            raise ValueError(f"'{path}': apply_structure rebuilds RepBlocks only, the structure records a {kind}")
         block, _, _ = expand(model, path, desc["branches"], gamma_init=gamma_init, conv_init=conv_init)
         block.origin_bias = bool(desc.get("origin_bias", False))
         if set(block.kinds) != set(desc["branches"]):
