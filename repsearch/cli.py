@@ -1,4 +1,4 @@
-"""The ``repsearch`` command line (click): ``run``, ``validate``, ``spaces``, ``ui``.
+"""The ``repsearch`` command line (click): ``run``, ``validate``, ``quantize``, ``spaces``, ``ui``.
 
 User mistakes (:class:`repsearch.errors.UserError`) print one line ``repsearch: error: ...`` on stderr
 and exit with status 2, no traceback; anything else is a bug and keeps its traceback (exit 1).
@@ -102,14 +102,16 @@ def main(verbose: int) -> None:
 @click.option("--storage", default=None, help="Optuna storage: sqlite:///..., postgresql://... or a journal file path.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--no-deps", is_flag=True, help="Refuse (one line, exit 2) instead of running an incomplete study this recipe depends on (e.g. RepOpt's Hyper-Search).")
 @user_errors
-def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, device, no_progress):
+def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, device, no_progress, no_deps):
     """Run RECIPE: every sweep point (or the single configuration) not yet complete, then print the
     comparison table."""
     from rich.console import Console
 
     from repsearch.data import find_layout, resolve_data_root
     from repsearch.report import comparison_table
+    from repsearch.dependencies import resolve_dependencies
     from repsearch.sweep import run_study
     from repsearch.tracking import resolve_stores
 
@@ -120,6 +122,13 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
         find_layout(root, rec.data.dataset, rec.data.format)
     stores = resolve_stores(rec, recipe, runs_dir=runs_dir, tracking_uri=tracking_uri, storage=storage, profile=profile)
     console = Console(width=None if sys.stdout.isatty() else 160)
+    # a study this recipe depends on (RepOpt target <- Hyper-Search scales) runs first, then its
+    # artifact's content hash enters this study's name (repsearch.dependencies)
+    rec = resolve_dependencies(
+        rec, recipe, stores, run_missing=not no_deps,
+        say=lambda line: console.print(line, markup=False, highlight=False),
+        device=device, data_root=str(root), console=console, progress=not no_progress,
+    )
     summary = run_study(
         rec, recipe, profile, stores, device=device, data_root=str(root), console=console, progress=not no_progress
     )
@@ -180,6 +189,24 @@ def spaces():
     console = Console()
     console.print(table)
     console.print("branch types: " + ", ".join(BRANCH_KINDS))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--calib-batches", type=int, default=None, help="Training batches for calibration (default: the recipe's quantize.calib_batches).")
+@click.option("--data-root", default=None, help="Data root (> REPSEARCH_DATA > recipe data.root).")
+@click.option("--runs-dir", default=None, help="Runs folder (MLflow store); default ./runs.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (> MLFLOW_TRACKING_URI).")
+@user_errors
+def quantize(run_id, calib_batches, data_root, runs_dir, tracking_uri):
+    """INT8 PTQ (torchao, X86InductorQuantizer, CPU) of finished run RUN_ID's deployed.pt: prints fp32
+    vs int8 val/test top-1 and the kernel std, and logs the int8 metrics onto the run."""
+    from rich.console import Console
+
+    from repsearch.quantize import quantize_run, quantize_table
+
+    report = quantize_run(run_id, calib_batches=calib_batches, data_root=data_root, runs_dir=runs_dir, tracking_uri=tracking_uri)
+    Console(width=None if sys.stdout.isatty() else 160).print(quantize_table(report))
 
 
 @main.command()

@@ -139,6 +139,15 @@ for _name, _unit, _desc, _obj in (
     ("fp32_epochs", "epochs", "epochs trained without autocast (fp32 compute; all of them on CPU)", False),
 ):
     register_measure(_name, _unit, _desc, "final", _obj)
+# INT8 post-training quantization and kernel statistics (repsearch.quantize; RepOptimizers §4.4,
+# Tables 8 and 10): int8/*_top1 only with quantize.mode ptq, the kernel std on every trial
+for _name, _unit, _desc, _obj in (
+    ("int8/val_top1", "%", "validation top-1 of the INT8 PTQ deployed model (torchao X86InductorQuantizer, CPU)", True),
+    ("int8/test_top1", "%", "test top-1 of the INT8 PTQ deployed model (reported, never optimised)", False),
+    ("int8/kernel_std_mean", "1", "mean over conv layers of the std of the deployed kernel, following BN folded in (RepOpt Table 8)", True),
+    ("int8/kernel_std_max", "1", "max over conv layers of the std of the deployed kernel, following BN folded in", True),
+):
+    register_measure(_name, _unit, _desc, "final", _obj)
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

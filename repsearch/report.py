@@ -23,13 +23,21 @@ from typing import Any, Iterable, NamedTuple, Optional, Sequence
 from rich.table import Table
 from rich.text import Text
 
-#: (column title, final-measure key, kind) of the comparison table; kind "stat" = mean ± std.
+#: (column title, final-measure key, kind) of the comparison table; kind "stat" = mean ± std,
+#: "mean" = mean over seeds, "mean_g" = the same with 4 significant digits, "sum" = summed.
 COLUMNS = (
     ("val top-1 (%)", "val/top1", "stat"),
     ("test top-1 (%)", "test/top1", "stat"),
     ("avg FLOPs (M MACs)", "avg_flops_m", "mean"),
     ("avg params (M)", "avg_params_m", "mean"),
     ("cost (GPU h)", "cost_gpu_hours", "sum"),
+)
+#: Columns shown only when at least one row has the measure, inserted after ``test top-1``: INT8
+#: PTQ top-1 (``quantize.mode: ptq``) and the deployed kernels' std (RepOptimizers Tables 8, 10).
+OPTIONAL_COLUMNS = (
+    ("int8 val top-1 (%)", "int8/val_top1", "stat"),
+    ("int8 test top-1 (%)", "int8/test_top1", "stat"),
+    ("kernel std", "int8/kernel_std_mean", "mean_g"),
 )
 
 
@@ -129,7 +137,8 @@ def rows_from_trials(
         groups.setdefault(point, []).append(t)
     rank = {p: i for i, p in enumerate(order or [])}
     names = sorted(groups, key=lambda p: (rank.get(p, len(rank)), min(t.number for t in groups[p])))
-    wanted_keys = [c[1] for c in COLUMNS] + [k for k in (keys or []) if k not in [c[1] for c in COLUMNS]]
+    known = [c[1] for c in COLUMNS + OPTIONAL_COLUMNS]
+    wanted_keys = known + [k for k in (keys or []) if k not in known]
     rows = []
     for name in names:
         by_seed: dict[Any, list[Any]] = {}
@@ -192,11 +201,21 @@ def _fmt(v: Optional[float], spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
+def table_columns(rows: Sequence[ReportRow]) -> list[tuple[str, str, str]]:
+    """The comparison table's (title, final-measure key, kind) columns for ``rows``: :data:`COLUMNS`
+    with the :data:`OPTIONAL_COLUMNS` that at least one row has inserted after ``test top-1``."""
+    present = [c for c in OPTIONAL_COLUMNS if any(r.stat(c[1]).n for r in rows)]
+    cut = next(i for i, c in enumerate(COLUMNS) if c[1] == "test/top1") + 1
+    return list(COLUMNS[:cut]) + present + list(COLUMNS[cut:])
+
+
 def comparison_table(
     rows: Sequence[ReportRow], title: Optional[str] = None, best_key: str = "val/top1", maximize: bool = True
 ) -> Table:
     """The paper-style table: configuration, val/test top-1 (mean ± std over seeds), avg FLOPs
     (M MACs), avg params (M), cost (device-hours, summed), n (complete seeds; pruned/failed noted).
+    When some row has them (:func:`table_columns`), INT8 PTQ val/test top-1 (mean ± std) and the
+    kernel std (mean over seeds of ``int8/kernel_std_mean``, RepOpt Table 8) follow the test column.
 
     The configuration with the best mean ``best_key`` (validation only: selection never looks at
     test accuracy) is shown in bold. A row with trials tagged ``not_learning`` says so in yellow in
@@ -205,16 +224,19 @@ def comparison_table(
     table = Table(title=title)
     width = max([len("configuration")] + [len(r.configuration) for r in rows])
     table.add_column("configuration", overflow="fold", min_width=min(width, 60))
-    for col_title, _, _ in COLUMNS:
+    columns = table_columns(rows)
+    for col_title, _, _ in columns:
         table.add_column(col_title, justify="right")
     table.add_column("n", justify="right")
     means = [(r.stat(best_key).mean, i) for i, r in enumerate(rows) if r.stat(best_key).mean is not None]
     best = (max(means) if maximize else min(means))[1] if means else None
     for i, r in enumerate(rows):
         cells: list[Any] = [Text(r.configuration)]  # not markup: ids hold brackets (method.space=[kxk, 1x1])
-        for _, key, kind in COLUMNS:
+        for _, key, kind in columns:
             if kind == "stat":
                 cells.append(format_stat(r.stat(key)))
+            elif kind == "mean_g":  # mean over seeds, 4 significant digits
+                cells.append(_fmt(r.stat(key).mean, ".4g"))
             elif kind == "sum":
                 cells.append(_fmt(r.cost_gpu_hours, ".4f"))
             else:

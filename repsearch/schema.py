@@ -31,6 +31,22 @@ class MethodSpecModel(SpecModel):
         (default: none)."""
         return set()
 
+    def dependencies(self) -> dict[str, str]:
+        """``{field: artifact file name}`` for the fields of this section that name another study's
+        artifact (e.g. RepOpt's ``scales_from`` -> ``scales.pt``). The parent resolves them before it
+        names the study (:mod:`repsearch.dependencies`); default: none."""
+        return {}
+
+    def resolved(self, field: str, run_id: str | None, path: str, sha256: str) -> dict[str, Any]:
+        """The field updates once dependency ``field`` is resolved to ``path`` (content ``sha256``,
+        from MLflow run ``run_id`` or None for a local file). Must be overridden by a section whose
+        :meth:`dependencies` is not empty.
+
+        Raises:
+            NotImplementedError: the section declares dependencies but no resolution.
+        """
+        raise NotImplementedError(f"{type(self).__name__} declares dependencies but does not resolve them")
+
 
 def check_space(value: Any) -> Any:
     """Validate an operation space (a name from ``spaces/`` or an inline list of branch types).

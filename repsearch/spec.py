@@ -78,12 +78,25 @@ class ModelSpec(_Spec):
     constructor that changes the architecture (e.g. a stem stride), checked against the
     constructor's signature and annotations; ``num_classes`` comes from the dataset. Every
     constructor argument is stored in ``deployed.pt`` (:func:`repsearch.models.model_kwargs`).
+    ``init_from``: start from a finished run's weights — a repsearch ``deployed.pt`` path or an
+    MLflow run id (RepAn's official code starts from a pre-trained checkpoint); the stored model
+    must be this very architecture (name and every constructor argument).
     """
 
     model_config = ConfigDict(extra="allow", validate_default=True)
 
     name: str = "vgg16"
     width: PositiveFloat = 1.0
+    # -- model.init_from (RepAn issue) --
+    init_from: Optional[str] = None
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_exists(cls, v: Optional[str]) -> Optional[str]:
+        from repsearch.deployed import check_deployed_ref
+
+        return v if v is None else check_deployed_ref(v)
+    # -- end model.init_from --
 
     @field_validator("name")
     @classmethod
@@ -277,6 +290,23 @@ class TrackingSpec(_Spec):
     experiment: Optional[str] = None
 
 
+# ------------------------------------------------------------------------------------ quantize
+class QuantizeSpec(_Spec):
+    """INT8 post-training quantization of the deployed model at the end of a trial
+    (:mod:`repsearch.quantize`; RepOptimizers §4.4, Tables 8 and 10).
+
+    ``mode``: ``none`` (default) or ``ptq``: torchao PT2E with ``X86InductorQuantizer`` (static, BN
+    folded, per-channel int8 weights), calibrated on ``calib_batches`` non-augmented training
+    batches (of ``train.batch_size`` images), evaluated on val and test (``int8/val_top1``,
+    ``int8/test_top1``). PTQ runs on CPU: the trial moves a copy of the deployed model there, so the
+    deployed model must run on CPU (and be capturable by ``torch.export``). The kernel std
+    (``int8/kernel_std_*``) is recorded for every trial, whatever the mode.
+    """
+
+    mode: Literal["none", "ptq"] = "none"
+    calib_batches: PositiveInt = 32
+
+
 # --------------------------------------------------------------------------------------- recipe
 class Recipe(_Spec):
     """A whole experiment: one training configuration, optionally swept (``sweep``)."""
@@ -286,6 +316,7 @@ class Recipe(_Spec):
     model: ModelSpec = Field(default_factory=ModelSpec)
     method: MethodSpec = Field(default_factory=METHOD_SPECS["origin"])
     train: TrainSpec = Field(default_factory=TrainSpec)
+    quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
     sweep: Optional[SweepSpec] = None
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -1014,3 +1014,44 @@ def load_report(study_name: str, stores: Stores, recipe: Optional[Recipe] = None
         parent_run_id=None, device="", data_root=None, trial_fn=lambda *a, **k: None, console=None, progress=False, rhash="",
     )
     return _rows(ctx)
+
+
+def study_state(recipe: Recipe, recipe_path: str | Path, profile: Optional[str], stores: Stores) -> dict[str, Any]:
+    """Where a recipe's study stands, without creating or enqueueing anything (used to resolve a
+    study dependency, :mod:`repsearch.dependencies`).
+
+    Returns:
+        ``{"name", "exists", "total", "complete", "pruned", "failed", "running", "waiting",
+        "best_run_id", "best_value"}``: counts per wanted slot (a slot not enqueued yet counts as
+        waiting); ``best_run_id`` is the MLflow run of the COMPLETE trial with the best first
+        objective (validation only, e.g. ``val/top1``), None when there is none.
+    """
+    name = make_study_name(recipe_path, profile, recipe)
+    out: dict[str, Any] = {"name": name, "exists": False, "total": len(plan_points(recipe)), "complete": 0,
+                           "pruned": 0, "failed": 0, "running": 0, "waiting": 0, "best_run_id": None, "best_value": None}
+    storage = open_storage(stores.storage)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
+    except KeyError:
+        out["waiting"] = out["total"]
+        return out
+    ctx = _Ctx(
+        recipe=recipe, stores=stores, name=name, storage=storage, study=study, study_id=0, tracker=None,
+        parent_run_id=None, device="", data_root=None, trial_fn=lambda *a, **k: None, console=None, progress=False, rhash="",
+    )
+    acc = _account(ctx)
+    out.update({k: acc[k] for k in ("total", "complete", "pruned", "failed", "running")})
+    out["exists"] = True
+    out["waiting"] = acc["total"] - acc["complete"] - acc["pruned"] - acc["failed"] - acc["running"]
+    maximize = ctx.objectives[0].direction == "maximize"
+    best = None
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id is None or not t.values:
+            continue
+        v = t.values[0]
+        if best is None or (v > best[0] if maximize else v < best[0]):
+            best = (v, run_id)
+    if best is not None:
+        out["best_value"], out["best_run_id"] = best
+    return out

@@ -492,25 +492,8 @@ class Tracker:
             log.warning("could not mark MLflow run %s KILLED: %s", run_id, _one_line(str(exc)))
 
     def download_artifact(self, run_id: str, artifact: str, dst_dir: Path) -> Path:
-        """Download one artifact (a file name such as ``deployed.pt`` or ``scales.pt``) of run ``run_id``
-        into ``dst_dir`` and return its local path.
-
-        Raises:
-            TrackingError: no run with that id, or the run has no such artifact (one line).
-        """
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = self.client.get_run(run_id)
-        except MlflowException:
-            raise TrackingError(f"no MLflow run with id {run_id!r} in {self.stores.tracking_uri}") from None
-        dst_dir = Path(dst_dir)
-        dst_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            local = self.client.download_artifacts(run.info.run_id, artifact, str(dst_dir))
-        except (MlflowException, OSError) as exc:
-            raise TrackingError(f"run {run_id} has no artifact {artifact!r} ({_one_line(str(exc), 200)})") from None
-        return Path(local)
+        """:func:`download_run_artifact` with this tracker's store."""
+        return download_run_artifact(self.stores.tracking_uri, run_id, artifact, dst_dir)
 
     def run_info(self, run_id: str) -> Optional[dict[str, Any]]:
         """``{"status", "tags", "params", "metrics", "study_name"}`` of run ``run_id``, or None if it
@@ -528,3 +511,29 @@ class Tracker:
             "metrics": dict(run.data.metrics),
             "study_name": run.data.tags.get("study_name"),
         }
+
+
+def download_run_artifact(tracking_uri: str, run_id: str, artifact: str, dst_dir: Path) -> Path:
+    """Download one artifact (a file name such as ``deployed.pt`` or ``scales.pt``) of run ``run_id``
+    in the MLflow store ``tracking_uri`` into ``dst_dir`` and return its local path. Creates no
+    experiment (unlike :class:`Tracker`).
+
+    Raises:
+        TrackingError: no run with that id, or the run has no such artifact (one line).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bar in the CLI's output
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"no MLflow run with id {run_id!r} in {tracking_uri}") from None
+    dst_dir = Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        local = client.download_artifacts(run.info.run_id, artifact, str(dst_dir))
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"run {run_id} has no artifact {artifact!r} ({_one_line(str(exc), 200)})") from None
+    return Path(local)

@@ -169,6 +169,9 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         self.channels_last = bool(train_spec.channels_last) and self.cuda
         self.grad_clip = getattr(train_spec, "grad_clip", None)
+        # channels_last first: a method's optimizer may build per-parameter tensors (RepOpt's Grad
+        # Mult) that must match the parameters' final memory format
+        self._structure_changed()
         self.optimizer = method.optimizer(model, train_spec)
         self.scheduler = method.scheduler(self.optimizer, train_spec, len(train_loader))
         self.history: list[dict[str, float]] = []
@@ -177,7 +180,6 @@ class Trainer:
         self.device_seconds = 0.0
         self.fp32_epochs: list[int] = []
         self.tf32_epochs: list[int] = []
-        self._structure_changed()
 
     # ---------------------------------------------------------------------------------------
     def _structure_changed(self) -> None:

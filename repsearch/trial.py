@@ -3,7 +3,10 @@
 The deploy check runs at the end of every trial (DESIGN.md flow): the deployed plain model is saved
 as ``deployed.pt`` (model name, constructor arguments, state_dict), loaded back into the origin
 model's constructor with ``strict=True`` and ``weights_only=True``, and its outputs on the
-validation split are compared with the training-time model's (eval mode, fp32, TF32 off).
+validation split are compared with the training-time model's (eval mode, fp32, TF32 off). Then
+the deployed kernels' standard deviations are recorded (``kernel_std.json``, every trial) and, with
+``quantize.mode: ptq``, a CPU copy of the reloaded model is INT8-quantized and evaluated
+(:mod:`repsearch.quantize`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from repsearch.data import build_data, resolve_data_root
 from repsearch.measures import check_measures, count_macs, count_params
 from repsearch.methods import Method, build_method
 from repsearch.models import build_model, model_kwargs
+from repsearch.quantize import KERNEL_STD_ARTIFACT, int8_measures, kernel_std, require_torchao
 from repsearch.spec import Recipe, recipe_yaml
 from repsearch.train import Trainer, evaluate, seed_everything, tf32_scope
 
@@ -42,12 +46,14 @@ class TrialResult:
     Attributes:
         final: final measures, numbers only (``val/top1`` etc. of the last epoch, ``test/top1``,
             ``deploy/*``, ``avg_flops_m``, ``avg_params_m``, ``cost_gpu_hours``, ``fp32_epochs``,
-            the method's numeric ``final_measures`` such as DyRep's ``n_rep``, ``n_dep``).
+            ``int8/kernel_std_mean``/``_max``, with ``quantize.mode: ptq`` ``int8/val_top1`` and
+            ``int8/test_top1``, the method's numeric ``final_measures`` such as DyRep's ``n_rep``, ``n_dep``).
         history: per-epoch measures (DESIGN.md measures contract), epoch 1 first.
         artifacts: files written into ``out_dir``.
         events: the method's structural events (Rep/Dep/expand).
         tags: non-numeric facts (MLflow tags): ``precision``, ``not_learning`` (the reason, only for
-            a collapsed trial), the method's non-numeric ``final_measures``.
+            a collapsed trial), the quantizer's ``int8.*`` (``quantize.mode: ptq``), the method's
+            non-numeric ``final_measures``.
     """
 
     final: dict[str, float]
@@ -163,12 +169,16 @@ def run_trial(
         repsearch.errors.DataError: missing data root or layout (a user mistake).
         repsearch.train.NonFiniteLoss: NaN/inf training loss.
         DeployMismatch: deployed outputs differ beyond the tolerance (a bug; the figures are in the message).
+        repsearch.quantize.QuantizeError: ``quantize.mode: ptq`` without torchao (before training) or
+            with a deployed model that torch.export / the x86 quantizer cannot handle.
     """
     with tf32_scope(recipe.train.tf32):
         return _run_trial(recipe, data_root, torch.device(device), Path(out_dir), on_epoch, progress, method)
 
 
 def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method) -> TrialResult:
+    if recipe.quantize.mode == "ptq":
+        require_torchao()  # fail before training, not after it
     seed_everything(recipe.seed, recipe.train.deterministic)
     out_dir.mkdir(parents=True, exist_ok=True)
     d = recipe.data
@@ -191,6 +201,10 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method) -> T
     )
     kwargs = model_kwargs(recipe.model.name, data.num_classes, recipe.model.width, **recipe.model.options)
     model = build_model(recipe.model.name, **kwargs).to(dev)
+    if recipe.model.init_from:  # -- model.init_from (RepAn issue): a finished run's weights --
+        from repsearch.deployed import load_init_from
+
+        load_init_from(model, recipe.model.init_from, recipe, recipe.model.name, kwargs)
     if method is None:
         method = build_method(recipe, dev)
     model = method.prepare(model, data.train).to(dev)
@@ -246,6 +260,17 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method) -> T
             final[k] = float(v)
         else:
             tags[k] = v if isinstance(v, str) else json.dumps(v, default=_jsonable)
+    # -- kernel statistics (every trial) and INT8 PTQ (quantize.mode ptq): repsearch.quantize ------
+    kstats = kernel_std(plain)
+    final.update({k: v for k, v in kstats.measures.items() if math.isfinite(v)})
+    kernel_path = out_dir / KERNEL_STD_ARTIFACT
+    kernel_path.write_text(kstats.to_json())
+    artifacts.append(kernel_path)
+    if recipe.quantize.mode == "ptq":  # on a CPU copy of the reloaded plain model
+        int8, int8_tags = int8_measures(plain, data, calib_batches=recipe.quantize.calib_batches, seed=recipe.seed)
+        final.update(int8)
+        tags.update(int8_tags)
+    # ---------------------------------------------------------------------------------------------
     check_measures({k: v for k, v in final.items() if k not in history[-1]}, "final", f"method {method.name}")
     reason = learning_check(history, data.num_classes, data.n_val)
     if reason is not None:

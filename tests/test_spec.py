@@ -57,7 +57,11 @@ def test_yaml_1_1_float_strings_are_converted():
 
 
 def test_unknown_method_space_and_branch():
-    assert "method.name: 'dyrop' is not one of origin, dyrep, static" in err({"method": {"name": "dyrop"}})
+    from repsearch.methods import method_specs
+
+    names = ", ".join(method_specs())  # origin first, then alphabetical
+    assert names.startswith("origin, dyrep, ") and "static" in names
+    assert f"method.name: 'dyrop' is not one of {names}" in err({"method": {"name": "dyrop"}})
     msg = err({"method": {"name": "dyrep", "space": "dbbb"}})
     assert "method.space" in msg and "dbb" in msg and "repvgg" in msg
     msg = err({"method": {"name": "dyrep", "space": ["kxk", "3x3"]}})
@@ -131,10 +135,17 @@ def test_shipped_recipes_validate():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "recipes"
+    from repsearch.sweep import plan_points
+
+    from repsearch.spec import read_recipe_file
+
     for path in sorted(root.glob("*.yaml")):
-        for profile in [None, "smoke"]:
+        profiles = read_recipe_file(path).get("profiles", {})
+        assert "smoke" in profiles, path.name  # every recipe: the paper's schedule + a smoke profile
+        for profile in [None, *profiles]:
             r, _ = load_recipe(path, profile)
-            assert r.sweep is not None
+            # a sweep, or one configuration (e.g. RepOpt's Hyper-Search): at least one trial
+            assert len(plan_points(r)) >= 1 and (r.sweep is not None or len(plan_points(r)) == 1)
 
 
 def test_min_lr_above_lr_and_unknown_objective_are_rejected():

@@ -11,6 +11,14 @@ Shapes: input ``(N, C_in, H, W)``, output ``(N, C_out, H', W')`` as the original
 No method's choice is a default here: new branches take ``gamma_init`` / ``conv_init`` from the
 caller (:meth:`RepBlock.add_branch`) and branch importance an :data:`ImportanceRule`
 (:meth:`RepBlock.branch_importance`).
+
+Attach rate λ (RepAn, CVPR 2024, supplementary Eq. 1 and 5; official code ``x_3 + λ·(x_1 + x_0)``):
+off by default. :meth:`RepBlock.set_attach_rate` turns it on for one block, registering a 0-dim
+non-persistent buffer ``attach_lambda`` (so ``state_dict`` keys stay those of a plain block, the value
+follows ``.to(device)``, and a compiled model reads it as a tensor instead of recompiling when it
+changes). With λ on, the block computes ``kxk(x) + λ·Σ_{j≠kxk} branch_j(x)``; the equivalent kernel,
+:meth:`~RepBlock.fuse`, :meth:`~RepBlock.compensate` and :meth:`~RepBlock.remove_branches` all use
+that same weighted sum.
 """
 
 from __future__ import annotations
@@ -229,22 +237,81 @@ class RepBlock(nn.Module):
         return self.branches["kxk"]
 
     # ------------------------------------------------------------------ forward / kernels
+    # ------------------------------------------------------------------ attach rate λ (RepAn)
+    @property
+    def attach_rate(self) -> Optional[float]:
+        """λ as a Python float (dimensionless; host sync), or ``None`` when λ is off (every branch
+        weighs 1, the default of every block that RepAn did not touch)."""
+        lam = self._buffers.get("attach_lambda")
+        return None if lam is None else float(lam.item())
+
+    @torch.no_grad()
+    def set_attach_rate(self, value: float) -> None:
+        """Set λ, the weight of every non-``kxk`` branch (RepAn supplementary Eq. 1, 5).
+
+        The first call registers a 0-dim non-persistent buffer ``attach_lambda`` on the block's device
+        and dtype (``state_dict`` keys unchanged); later calls write it in place (``fill_``), so a
+        compiled forward is not re-traced. From then on forward, :meth:`equivalent_kernel`,
+        :meth:`fuse`, :meth:`compensate` and :meth:`remove_branches` weigh the non-``kxk`` branches
+        by λ. λ = 1 gives exactly the plain block's sums; λ = 0 gives the ``kxk`` branch alone.
+
+        Args:
+            value: λ (a finite float, usually in [0, 1]).
+
+        Raises:
+            ValueError: ``value`` is not finite.
+        """
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"attach rate must be finite, got {value}")
+        lam = self._buffers.get("attach_lambda")
+        if lam is None:
+            fac = self._factory()
+            dtype = fac.get("dtype", torch.float32)
+            if not dtype.is_floating_point:
+                dtype = torch.float32
+            self.register_buffer(
+                "attach_lambda", torch.tensor(value, dtype=dtype, device=fac.get("device")), persistent=False
+            )
+        else:
+            lam.fill_(value)
+
+    def _weight(self, kind: str) -> Optional[torch.Tensor]:
+        """λ for a non-``kxk`` branch when λ is on, else ``None`` (weight 1)."""
+        if kind == "kxk":
+            return None
+        return self._buffers.get("attach_lambda")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = None
-        for branch in self.branches.values():
+        lam = getattr(self, "attach_lambda", None)
+        if lam is None:
+            out = None
+            for branch in self.branches.values():
+                y = branch(x)
+                out = y if out is None else out + y
+            return out
+        out = self.branches["kxk"](x)
+        extra = None
+        for kind, branch in self.branches.items():
+            if kind == "kxk":
+                continue
             y = branch(x)
-            out = y if out is None else out + y
-        return out
+            extra = y if extra is None else extra + y
+        return out if extra is None else out + lam * extra
 
     def equivalent_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-mode ``(W, b)`` of the whole block, nested blocks fused recursively (DyRep Eq. 2, 8).
+        """Eval-mode ``(W, b)`` of the whole block, nested blocks fused recursively (DyRep Eq. 2, 8;
+        with λ on, ``W = W_kxk + λ·Σ_j W_j``, RepAn supplementary Eq. 1).
 
         Returns ``(C_out, C_in/groups, K, K)`` and ``(C_out,)``; differentiable (wrap in no_grad to
         write it somewhere).
         """
         w = b = None
-        for branch in self.branches.values():
+        for kind, branch in self.branches.items():
             wj, bj = branch.equivalent_kernel()
+            lam = self._weight(kind)
+            if lam is not None:
+                wj, bj = wj * lam, bj * lam
             w = wj if w is None else w + wj
             b = bj if b is None else b + bj
         return w, b
@@ -272,7 +339,7 @@ class RepBlock(nn.Module):
     @torch.no_grad()
     def compensate(self, target_weight: torch.Tensor, target_bias: Optional[torch.Tensor] = None) -> None:
         """Set the ``kxk`` branch so that the block equals the target kernel in eval mode
-        (DyRep Eq. 6: ``F_ori ← F_target − Σ_j F_new_j``).
+        (DyRep Eq. 6: ``F_ori ← F_target − Σ_j F_new_j``; with λ on, ``− λ·Σ_j F_new_j``).
 
         ``kxk`` conv weight = target_W − Σ_j W_j, its BN reset to identity with β = target_b − Σ_j b_j
         (sums over the non-``kxk`` branches, eval-mode kernels). A nested ``kxk`` block is
@@ -295,6 +362,9 @@ class RepBlock(nn.Module):
             if kind == "kxk":
                 continue
             wj, bj = branch.equivalent_kernel()
+            lam = self._weight(kind)
+            if lam is not None:
+                wj, bj = wj * lam, bj * lam
             w -= wj
             b -= bj
         self._set_kxk_kernel(w, b)
@@ -303,8 +373,8 @@ class RepBlock(nn.Module):
     def remove_branches(self, kinds: Iterable[str], absorb: bool = True) -> list[str]:
         """Remove branches (Dep, DyRep Sec. 4.2, Eq. 10: ``F_ori ← F_ori + F_j``).
 
-        With ``absorb`` the removed branches' eval-mode kernels are folded into the ``kxk`` branch
-        (written back as its conv weight with its BN reset to identity-plus-bias, recursively for a
+        With ``absorb`` the removed branches' eval-mode kernels (times λ when λ is on) are folded
+        into the ``kxk`` branch (written back as its conv weight with its BN reset to identity-plus-bias, recursively for a
         nested ``kxk`` block), so the block's eval output is unchanged. Without, they are dropped.
 
         Args:
@@ -331,6 +401,9 @@ class RepBlock(nn.Module):
             w, b = w.clone(), b.clone()
             for k in kinds:
                 wj, bj = self.branches[k].equivalent_kernel()
+                lam = self._weight(k)
+                if lam is not None:
+                    wj, bj = wj * lam, bj * lam
                 w += wj
                 b += bj
             self._set_kxk_kernel(w, b)
@@ -384,14 +457,15 @@ class RepBlock(nn.Module):
         """JSON-able structure: geometry, present kinds and nested blocks by relative path.
 
         ``{"type": "RepBlock", "in_channels", "out_channels", "kernel_size", "stride", "padding",
-        "groups", "origin_bias", "branches": [kinds], "nested": {rel_path: describe()}}``.
+        "groups", "origin_bias", "branches": [kinds], "nested": {rel_path: describe()}}``, plus
+        ``"attach_rate": λ`` when λ is on (RepAn).
         """
         nested = {}
         for kind in self.kinds:
             for name, m in self.branches[kind].named_modules():
                 if isinstance(m, RepBlock) and name and not _inside_block(self.branches[kind], name):
                     nested[f"branches.{kind}.{name}"] = m.describe()
-        return {
+        out = {
             "type": "RepBlock",
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
@@ -403,11 +477,15 @@ class RepBlock(nn.Module):
             "branches": list(self.kinds),
             "nested": nested,
         }
+        if "attach_lambda" in self._buffers:
+            out["attach_rate"] = self.attach_rate
+        return out
 
     def extra_repr(self) -> str:
+        lam = f", attach_rate={self.attach_rate:g}" if "attach_lambda" in self._buffers else ""
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, groups={self.groups}, branches={list(self.kinds)}"
+            f"padding={self.padding}, groups={self.groups}, branches={list(self.kinds)}{lam}"
         )
 
 
