@@ -121,7 +121,7 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
     if not rec.data.download:
         find_layout(root, rec.data.dataset, rec.data.format)
     stores = resolve_stores(rec, recipe, runs_dir=runs_dir, tracking_uri=tracking_uri, storage=storage, profile=profile)
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 240)
     # a study this recipe depends on (RepOpt target <- Hyper-Search scales) runs first, then its
     # artifact's content hash enters this study's name (repsearch.dependencies)
     rec = resolve_dependencies(
@@ -163,7 +163,14 @@ def validate(recipe, profile, sets):
     console.print(recipe_yaml(rec), markup=False, highlight=False)
     points = plan_points(rec)
     est = cost_estimate(rec, points)
-    console.print(f"study: {study_name(recipe, profile, rec)}")
+    deps = rec.method.dependencies()
+    if deps:  # the real name hashes the dependency's content, known once `run` resolves it
+        for fld, artifact in deps.items():
+            console.print(f"depends on: method.{fld} = {getattr(rec.method, fld)} ({artifact}; resolved by `repsearch run`)",
+                          markup=False, highlight=False)
+        console.print(f"study: {Path(recipe).stem}{'.' + profile if profile else ''}-<hash with the {', '.join(deps.values())} content>")
+    else:
+        console.print(f"study: {study_name(recipe, profile, rec)}")
     console.print(f"trials: {est['n_trials']} ({est['n_configurations']} configurations x {est['n_seeds']} seeds)")
     console.print(
         f"cost estimate: {est['train_images']:,} training images ({est['train_images_per_trial']:,} per trial: "
@@ -206,7 +213,7 @@ def quantize(run_id, calib_batches, data_root, runs_dir, tracking_uri):
     from repsearch.quantize import quantize_run, quantize_table
 
     report = quantize_run(run_id, calib_batches=calib_batches, data_root=data_root, runs_dir=runs_dir, tracking_uri=tracking_uri)
-    Console(width=None if sys.stdout.isatty() else 160).print(quantize_table(report))
+    Console(width=None if sys.stdout.isatty() else 240).print(quantize_table(report))
 
 
 @main.command()

@@ -47,10 +47,31 @@ def _find_recipe(ref_path: str, recipe_path: str | Path) -> Path:
     raise DependencyError(f"dependency recipe {ref_path} not found (looked in {', '.join(str(c.parent) for c in candidates)})")
 
 
-def _sha256(path: Path) -> str:
-    from repsearch.methods.scales import load_scales
+def content_sha256(path: Path, artifact: str) -> str:
+    """The content hash that names a depending study: a scales file's own content hash
+    (:func:`repsearch.methods.scales.load_scales`, independent of serialisation), else the SHA-256 of
+    the file's bytes.
 
-    return load_scales(path)["sha256"]
+    Raises:
+        repsearch.methods.scales.ScalesError: a malformed or altered scales file.
+    """
+    if artifact == "scales.pt":
+        from repsearch.methods.scales import load_scales
+
+        return load_scales(path)["sha256"]
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part) if not isinstance(obj, dict) else obj.get(part)
+    return obj
 
 
 def _check_sweep_does_not_override(recipe: Any, fields: list[str]) -> None:
@@ -96,21 +117,30 @@ def resolve_dependencies(
             or mismatched scales file; repsearch.spec.RecipeError: a dependency recipe that does not
             validate.
     """
-    deps = recipe.method.dependencies()
-    if not deps:
-        return recipe
-    from repsearch.spec import Recipe, load_recipe
+    from repsearch.spec import Recipe, load_recipe, set_dotted
     from repsearch.sweep import run_study, study_state
     from repsearch.tracking import resolve_stores
 
+    deps = recipe.method.dependencies()
+    init_from = getattr(recipe.model, "init_from", None)
+    init_run = isinstance(init_from, str) and RUN_ID.match(init_from) and not Path(init_from).exists()
+    if not deps and not init_run:
+        _check_points(recipe)
+        return recipe
     _check_sweep_does_not_override(recipe, list(deps))
-    updates: dict[str, Any] = {}
+    d = recipe.model_dump(mode="json")
+    if init_run:  # model.init_from by run id: that run's deployed.pt, from this study's MLflow store
+        path = fetch_run_artifact(init_from, "deployed.pt", recipe, stores)
+        d["model"]["init_from"] = str(Path(path).resolve())
+        say(f"model.init_from: deployed.pt of run {init_from}")
     for fld, artifact in deps.items():
-        source = getattr(recipe.method, fld)
+        source = _get(recipe.method, fld)
         run_id: Optional[str] = None
         if hasattr(source, "recipe"):  # a StudyRef
             dep_path = _find_recipe(source.recipe, recipe_path)
             dep_recipe, _ = load_recipe(dep_path, source.profile)
+            # before running anything: does that study produce what this recipe can use?
+            recipe.method.check_dependency_recipe(fld, dep_recipe, recipe)
             dep_stores = resolve_stores(
                 dep_recipe, dep_path, runs_dir=stores.runs_dir, tracking_uri=stores.tracking_uri,
                 storage=stores.storage, profile=source.profile,
@@ -139,16 +169,39 @@ def resolve_dependencies(
             path = Path(str(source)).expanduser()
             if not path.is_file():
                 raise DependencyError(f"method.{fld}: {source} is neither an existing file nor an MLflow run id")
-        path = path.resolve()
-        sha = _sha256(path)
-        pinned = getattr(recipe.method, f"{fld.removesuffix('_from')}_sha256", None)
-        if pinned is not None and pinned != sha:
-            raise DependencyError(f"method.{fld}: {path} has content sha256 {sha[:12]}, the recipe pins {pinned[:12]}")
-        updates.update(recipe.method.resolved(fld, run_id, str(path), sha))
-    d = recipe.model_dump(mode="json")
-    d["method"].update(updates)
+        path = Path(path).resolve()
+        sha = content_sha256(path, artifact)
+        for key, value in recipe.method.resolved(fld, run_id, str(path), sha).items():
+            set_dotted(d["method"], key, value)
     resolved = Recipe.model_validate(d)
-    check = getattr(resolved.method, "check_resolved", None)
-    if check is not None:
-        check(resolved)
+    _check_points(resolved)
     return resolved
+
+
+def _check_points(recipe: Any) -> None:
+    """Every trial of the study must find its dependencies resolved and fitting: a sweep arm may not
+    need an artifact the base recipe does not name (e.g. ``method.scales: searched`` over a base with
+    ``scales: ones``), nor train a model the artifact does not fit (a sweep over ``model.width``).
+
+    Raises:
+        DependencyError / the method's own error (e.g. ScalesError): one line naming the arm.
+    """
+    from repsearch.spec import trial_recipe
+    from repsearch.sweep import plan_points
+
+    seen: set[str] = set()
+    for point in plan_points(recipe):
+        if point.point_id in seen:
+            continue
+        seen.add(point.point_id)
+        tr = trial_recipe(recipe, point.overrides, point.seed)
+        missing = tr.method.dependencies()
+        if missing:
+            raise DependencyError(
+                f"sweep arm {point.point_id}: needs {', '.join('method.' + f for f in missing)} resolved, but the base "
+                "recipe's own configuration needs none, so it is not resolved (make the base need it, e.g. "
+                "method.scales: searched)"
+            )
+        check = getattr(tr.method, "check_resolved", None)
+        if check is not None:
+            check(tr)

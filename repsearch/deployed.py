@@ -41,11 +41,15 @@ def fetch_run_artifact(run_id: str, artifact: str, recipe: Any, stores: Any = No
     from repsearch.tracking import download_run_artifact, resolve_stores
 
     if stores is None:
-        stores = resolve_stores(recipe, "dependency")
+        stores = resolve_stores(recipe, "dependency", create=False)
     dst = Path(dst_dir) if dst_dir is not None else Path(stores.runs_dir) / "deps" / run_id
     local = dst / artifact
     if dst_dir is None and local.is_file():
         return local
+    if dst_dir is None and not Path(stores.runs_dir).is_dir():
+        from repsearch.tracking import TrackingError
+
+        raise TrackingError(f"no runs folder {stores.runs_dir} to look up run {run_id} in (pass --runs-dir)")
     return download_run_artifact(stores.tracking_uri, run_id, artifact, dst)
 
 

@@ -37,10 +37,18 @@ class MethodSpecModel(SpecModel):
         names the study (:mod:`repsearch.dependencies`); default: none."""
         return {}
 
+    def check_dependency_recipe(self, field: str, dep_recipe: Any, recipe: Any) -> None:
+        """Before a dependency study runs: check that ``dep_recipe`` (the study named by dependency
+        ``field``) produces an artifact this ``recipe`` can use (default: no check).
+
+        Raises:
+            ValueError subclass / UserError: one line naming the mismatch.
+        """
+
     def resolved(self, field: str, run_id: str | None, path: str, sha256: str) -> dict[str, Any]:
-        """The field updates once dependency ``field`` is resolved to ``path`` (content ``sha256``,
-        from MLflow run ``run_id`` or None for a local file). Must be overridden by a section whose
-        :meth:`dependencies` is not empty.
+        """The field updates (dotted paths inside this section) once dependency ``field`` is resolved
+        to ``path`` (content ``sha256``, from MLflow run ``run_id`` or None for a local file). Must be
+        overridden by a section whose :meth:`dependencies` is not empty.
 
         Raises:
             NotImplementedError: the section declares dependencies but no resolution.

@@ -614,6 +614,8 @@ def _validate_sweep(recipe: Recipe, d: dict, source: str) -> None:
         if key.startswith("sweep") or key == "profiles" or key.startswith("tracking"):
             raise RecipeError(f"{source}: sweep.params.{key}: cannot sweep over '{key.split('.')[0]}'")
     base = {k: v for k, v in d.items() if k != "sweep"}
+    # the pruner stays visible to a point's method checks (RepAn rejects pruners)
+    base["sweep"] = {"pruner": sweep.pruner}
     # every choice and every baseline must give a valid recipe
     for key, dist in sweep.params.items():
         values = dist.choices if isinstance(dist, Choices) else [dist.low, dist.high]

@@ -142,6 +142,7 @@ def resolve_stores(
     storage: Optional[str] = None,
     profile: Optional[str] = None,
     environ: Optional[Mapping[str, str]] = None,
+    create: bool = True,
 ) -> Stores:
     """Resolve the stores of a recipe (DESIGN.md stores contract) and create the runs folder.
 
@@ -156,6 +157,7 @@ def resolve_stores(
         recipe: the validated :class:`repsearch.spec.Recipe`.
         recipe_path: the recipe file (its stem names the experiment).
         environ: the environment to read (default ``os.environ``; tests pass a dict).
+        create: create the runs folder (False for a lookup that must leave nothing behind).
 
     Raises:
         TrackingError: a malformed ``mlflow.yaml`` or experiment template.
@@ -165,7 +167,8 @@ def resolve_stores(
     tr = recipe.tracking
     runs = Path(_first(None if runs_dir is None else str(runs_dir), tr.runs_dir, cfg.get("runs_dir")) or "runs")
     runs = runs.expanduser().resolve()
-    runs.mkdir(parents=True, exist_ok=True)
+    if create:
+        runs.mkdir(parents=True, exist_ok=True)
     uri = _first(tracking_uri, env.get("MLFLOW_TRACKING_URI"), tr.tracking_uri, cfg.get("tracking_uri"))
     uri = uri or f"sqlite:///{runs / 'mlflow.db'}"
     if ":" not in uri.split("/", 1)[0] and uri.endswith(".db"):  # a bare path to an SQLite file
@@ -525,6 +528,9 @@ def download_run_artifact(tracking_uri: str, run_id: str, artifact: str, dst_dir
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bar in the CLI's output
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        # a lookup must not create an empty store
+        raise TrackingError(f"no MLflow store at {tracking_uri} (run {run_id} cannot be there; pass --runs-dir or --tracking-uri)")
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         run = client.get_run(run_id)

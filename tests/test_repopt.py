@@ -314,12 +314,12 @@ def test_target_runs_the_hyper_search_study_first_then_adds_nothing(tmp_path, da
     assert searched and searched[0].data.tags["repopt.scales_run_id"] == hs_run
     for r in tg_runs:  # INT8 next to fp32 on every arm
         assert "int8/test_top1" in r.data.metrics and "test/top1" in r.data.metrics
+    n_before = sum(len(client.search_runs([e])) for e in exps.values())
+    assert n_before == 1 + 1 + 1 + 3  # two parents, one HS trial, three target arms
     again = _run(["run", str(tg), "-p", "tiny", *common], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to run" in again.stdout and "running it first" not in again.stdout
-    assert len(client.search_runs([exps["repopt_vs_repvgg"]])) == len(client.search_runs([exps["repopt_vs_repvgg"]]))
-    n_all = sum(len(client.search_runs([e])) for e in exps.values())
-    assert n_all == 1 + 1 + 1 + 3  # two parents, one HS trial, three target arms (nothing added)
+    assert sum(len(client.search_runs([e])) for e in exps.values()) == n_before  # nothing added
 
 
 def test_mismatched_or_missing_scales_are_one_line(tmp_path, data_root):
@@ -334,3 +334,52 @@ def test_mismatched_or_missing_scales_are_one_line(tmp_path, data_root):
     width = _scales_file(tmp_path, "repvgg_b1", 0.125)  # the recipe trains repvgg_b1 at width 0.0625
     proc = _run(["run", str(tg), "-p", "tiny", "--set", f"method.scales_from={width}", *common], tmp_path)
     assert proc.returncode == 2 and "are for repvgg_b1 width 0.125" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_dependency_that_cannot_fit_is_refused_before_it_runs(tmp_path, data_root):
+    _, tg = _write_recipes(tmp_path)
+    common = ["--runs-dir", str(tmp_path / "runs"), "--data-root", str(data_root), "--device", "cpu", "--no-progress"]
+    for sets, expect in (
+        (["model.width=0.25"], "that Hyper-Search trains repvgg_b1 width 0.0625, this recipe repvgg_b1 width 0.25"),
+        ([f"method.scales_from={{recipe: {ROOT / 'recipes' / 'repan_cifar.yaml'}}}"], "not a RepOpt Hyper-Search"),
+    ):
+        args = ["run", str(tg), "-p", "tiny", *common]
+        for x in sets:
+            args += ["--set", x]
+        proc = _run(args, tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert expect in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert "running it first" not in proc.stdout  # refused before anything trained
+    assert not list((tmp_path / "runs").glob("artifacts/*"))
+
+
+def test_every_sweep_arm_must_find_its_dependency_resolved(tmp_path):
+    from repsearch.dependencies import DependencyError, resolve_dependencies
+    from repsearch.tracking import resolve_stores
+
+    path = _scales_file(tmp_path)
+    d = {**json.loads(json.dumps(TINY)), "method": {"name": "repopt", "scales": "ones", "scales_from": str(path)},
+         "sweep": {"baselines": [{"method.scales": "searched"}]}}
+    r = validate_dict(d, "r")
+    stores = resolve_stores(r, tmp_path / "r.yaml", runs_dir=tmp_path / "runs")
+    with pytest.raises(DependencyError, match="sweep arm baseline:method.scales=searched: needs method.scales_from"):
+        resolve_dependencies(r, tmp_path / "r.yaml", stores)
+    # a resolved base: every arm shares it, and an arm over another width is refused
+    d["method"]["scales"] = "searched"
+    d["sweep"]["baselines"] = [{"method.scales": "ones"}, {"model.width": 0.25}]
+    r = validate_dict(d, "r")
+    with pytest.raises(ScalesError, match="are for repvgg_a0 width 0.125"):
+        resolve_dependencies(r, tmp_path / "r.yaml", stores)
+    d["sweep"]["baselines"] = [{"method.scales": "ones"}]
+    resolved = resolve_dependencies(validate_dict(d, "r"), tmp_path / "r.yaml", stores)
+    assert resolved.method.scales_sha256 == load_scales(path)["sha256"] and resolved.method.scales_run_id is None
+
+
+def test_a_run_id_lookup_creates_no_store(tmp_path):
+    from repsearch.deployed import fetch_run_artifact
+    from repsearch.errors import UserError
+
+    r = validate_dict({**json.loads(json.dumps(TINY)), "tracking": {"runs_dir": str(tmp_path / "nowhere")}}, "r")
+    with pytest.raises(UserError, match="no runs folder"):
+        fetch_run_artifact("0" * 32, "deployed.pt", r)
+    assert not (tmp_path / "nowhere").exists()

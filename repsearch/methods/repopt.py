@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Union
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from repsearch import optim
@@ -118,6 +117,26 @@ class RepOptSpec(MethodSpecModel):
         """``scales_from`` becomes the local file, ``scales_sha256`` its content hash (in the study
         name), ``scales_run_id`` the Hyper-Search run (a tag of every target trial)."""
         return {"scales_from": path, "scales_sha256": sha256, "scales_run_id": run_id}
+
+    def check_dependency_recipe(self, field: str, dep_recipe, recipe) -> None:
+        """``scales_from: {recipe, profile}`` must name a RepOpt Hyper-Search of the same model and
+        width (checked before that study runs).
+
+        Raises:
+            ScalesError: another method or stage, another model or width (one line).
+        """
+        m = dep_recipe.method
+        if m.name != "repopt" or m.stage != "hyper_search":
+            raise ScalesError(
+                f"method.scales_from names a study of method {m.name}"
+                + (f" stage {m.stage}" if m.name == "repopt" else "")
+                + ", not a RepOpt Hyper-Search (method: {name: repopt, stage: hyper_search})"
+            )
+        a, b = dep_recipe.model, recipe.model
+        if a.name != b.name or not math.isclose(a.width, b.width):
+            raise ScalesError(
+                f"method.scales_from: that Hyper-Search trains {a.name} width {a.width:g}, this recipe {b.name} width {b.width:g}"
+            )
 
     def check_resolved(self, recipe) -> None:
         """After resolution (:mod:`repsearch.dependencies`): the scales file exists, is intact and
