@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from repsearch.errors import UserError
-from repsearch.deployed import load_init_from
+from repsearch.deployed import load_deployed, load_init_from
 from repsearch.methods.repan import RepAn, RepAnSpec, attach_rate, cycle_lr_factor
 from repsearch.models import build_model, model_kwargs
 from repsearch.rep import deploy, repblocks
@@ -233,12 +233,22 @@ def test_optimizer_state_is_reset_at_each_boundary_and_deploy_loads_strictly():
     assert_close(eval_out(plain, data[0][0]), eval_out(model, data[0][0]))
 
 
-def test_freeze_inherited_during_warmup_drops_kxk_gradients_after_the_first_cycle():
+def test_freeze_inherited_during_warmup_drops_kxk_and_inherited_bn_gradients_after_the_first_cycle(monkeypatch):
+    import repsearch.methods.repan as repan_mod
+
     torch.manual_seed(0)
     model = build_model("vgg16", 10, 1 / 16)
-    m = RepAn(RepAnSpec(cycles=2, epochs_per_cycle=3, attach_warmup=1, freeze_inherited_during_warmup=True))
+    m = RepAn(RepAnSpec(cycles=2, epochs_per_cycle=4, attach_warmup=2, freeze_inherited_during_warmup=True))
     model = m.prepare(model, [])
     (x, y), = batches(1)
+    calls = []
+    from repsearch.rep import conv_bn_pairs as real_pairs
+
+    monkeypatch.setattr(repan_mod, "conv_bn_pairs", lambda mdl: calls.append(1) or real_pairs(mdl), raising=False)
+    modules = dict(model.named_modules())
+    # the model BN that follows each block (vgg16: features.<i> conv, features.<i+1> BN) = the inherited BN
+    following = {p: modules[p.rsplit(".", 1)[0] + "." + str(int(p.rsplit(".", 1)[1]) + 1)] for p in repblocks(model)}
+    assert following and all(isinstance(bn, nn.BatchNorm2d) for bn in following.values())
 
     def grads_after_backward(epoch):
         m.on_epoch_start(model, epoch)
@@ -248,15 +258,18 @@ def test_freeze_inherited_during_warmup_drops_kxk_gradients_after_the_first_cycl
         blocks = list(repblocks(model).values())
         kxk = [p.grad for b in blocks for p in b.kxk.parameters()]
         new = [p.grad for b in blocks for k in b.kinds if k != "kxk" for p in b.branches[k].parameters()]
-        return kxk, new
+        bn = [p.grad for b in following.values() for p in (b.weight, b.bias)]
+        return kxk, new, bn
 
-    kxk, _ = grads_after_backward(1)  # first cycle from scratch: nothing frozen
-    assert all(g is not None for g in kxk)
-    m.on_epoch_end(model, 3, batches(1), {"val/top1": 10.0})  # boundary
-    kxk, new = grads_after_backward(4)  # cycle 2, λ warm-up epoch: inherited branch frozen
-    assert all(g is None for g in kxk) and any(g is not None for g in new)
-    kxk, _ = grads_after_backward(5)  # after the warm-up: trains again
-    assert all(g is not None for g in kxk)
+    kxk, _, bn = grads_after_backward(1)  # first cycle from scratch: nothing frozen
+    assert all(g is not None for g in kxk + bn) and not calls
+    m.on_epoch_end(model, 4, batches(1), {"val/top1": 10.0})  # boundary
+    for epoch in (5, 6):  # cycle 2, λ warm-up epochs: the inherited conv, its BN and the model BN frozen
+        kxk, new, bn = grads_after_backward(epoch)
+        assert all(g is None for g in kxk) and all(g is None for g in bn) and any(g is not None for g in new)
+    assert len(calls) == 1  # the BN pairing is computed once per structure change, not per epoch/step
+    kxk, _, bn = grads_after_backward(7)  # after the warm-up: trains again
+    assert all(g is not None for g in kxk + bn)
 
 
 def test_carry_best_val_restores_the_cycles_best_weights():
@@ -276,6 +289,66 @@ def test_carry_best_val_restores_the_cycles_best_weights():
     assert m.cycle_vals == [40.0] and m.epoch_measures(3)["repan/cycle_val_top1"] == 40.0
     assert_close(eval_out(model, x), snaps[2])  # boundary fused and re-expanded epoch 2's weights
     assert [e["from_epoch"] for e in m.events if e["kind"] == "carry"] == [2]
+
+
+def test_carry_best_val_restores_lambda_with_the_weights_at_the_boundary_and_before_deploy():
+    """Best epochs inside the λ warm-up (paper schedule, w = 2: λ = 1/3, 2/3, 1): the restored model
+    must be the validated one, λ included (λ is not in state_dict)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(7)
+    model = build_model("repan_repvgg_a0", 10, 0.25)
+    m = RepAn(RepAnSpec(cycles=2, epochs_per_cycle=3, attach_warmup=2, carry="best_val"))
+    model = m.prepare(model, [])
+    data = batches(1)
+    x = data[0][0]
+    vals = {1: 40.0, 2: 20.0, 3: 30.0, 4: 10.0, 5: 50.0, 6: 45.0}  # best: epoch 1 (λ 1/3), epoch 5 (λ 2/3)
+    snaps = {}
+    for epoch in range(1, 7):
+        m.on_epoch_start(model, epoch)
+        randomize_bns(model, g)  # new weights every epoch; the added branches' γ ≠ 0, so λ matters
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 4:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        snaps[epoch] = eval_out(model, x)  # what validation saw
+        m.on_epoch_end(model, epoch, data, {"val/top1": vals[epoch], "val/loss": 100.0 / vals[epoch]})
+        if epoch == 3:  # boundary: epoch 1's weights at λ = 1/3, fused and re-expanded
+            assert_close(eval_out(model, x), snaps[1])
+            assert (snaps[3] - snaps[1]).abs().max().item() > 1e-3  # the restore changed something
+    assert {round(b.attach_rate, 6) for b in repblocks(model).values()} == {round(2 / 3, 6)}
+    assert_close(eval_out(model, x), snaps[5])
+    assert_close(eval_out(deploy(model), x), snaps[5])  # deployed = validated
+    assert [(e["from_epoch"], e["attach_rate"]) for e in m.events if e["kind"] == "carry"] == [
+        (1, pytest.approx(1 / 3)), (5, pytest.approx(2 / 3))]
+    assert m.final_measures() == {"val/top1": 50.0, "val/loss": pytest.approx(2.0), "repan/carried_epoch": 5.0}
+
+
+def test_carry_last_reports_the_last_epoch_as_carried_and_keeps_its_val_measures():
+    model = build_model("vgg16", 10, 1 / 16)
+    m = RepAn(RepAnSpec(cycles=1, epochs_per_cycle=2, attach_warmup=1))
+    model = m.prepare(model, [])
+    for epoch, val in ((1, 50.0), (2, 10.0)):
+        m.on_epoch_start(model, epoch)
+        assert m.final_measures() == {}
+        m.on_epoch_end(model, epoch, batches(1), {"val/top1": val, "val/loss": 1.0})
+    assert m.final_measures() == {"repan/carried_epoch": 2.0}  # the trial keeps the last epoch's val/top1
+
+
+def test_boundary_probe_batch_leaves_the_device_loaders_epoch_alone():
+    from repsearch.data import DeviceLoader
+
+    g = torch.Generator().manual_seed(0)
+    loader = DeviceLoader(torch.randint(0, 256, (24, 32, 32, 3), dtype=torch.uint8, generator=g),
+                          torch.randint(0, 10, (24,), generator=g), 8, mean=(0.5,) * 3, std=(0.25,) * 3, train=True)
+    loader.set_epoch(3)
+    m = RepAn(RepAnSpec(cycles=2, epochs_per_cycle=1, attach_warmup=0))
+    model = m.prepare(build_model("vgg16", 10, 1 / 16), [])
+    randomize_bns(model, g)
+    out = m.boundary(model, 1, loader)
+    assert loader.epoch == 3  # no epoch planned or consumed by the probe
+    assert set(out) == {"repan/fuse_max_abs_err", "repan/expand_max_abs_err"}
+    assert out["repan/fuse_max_abs_err"] <= 1e-4 and out["repan/expand_max_abs_err"] <= 1e-4
+    assert m.boundary(model, 2, []) == {}  # an empty loader: no probe, no error measures
 
 
 # ----------------------------------------------------------------------------------- KD, init_from
@@ -425,3 +498,83 @@ def test_trial_end_to_end_and_test_split_never_read_before_the_end(tmp_path, dat
     assert "repan/cycle_val_top1" in h[0] and "repan/cycle_val_top1" in h[1]
     assert result.final["deploy/rel_err"] <= 1e-5 and math.isfinite(result.final["test/top1"])
     assert any(e["kind"] == "boundary" for e in result.events)
+
+
+def test_a_repan_arm_of_another_methods_sweep_rejects_pruners_too():
+    d = {"model": {"name": "repan_repvgg_a0", "width": 0.25}, "method": {"name": "origin"}, "train": {"epochs": 4},
+         "sweep": {"pruner": "median", "baselines": [
+             {"method.name": "repan", "method.cycles": 2, "method.epochs_per_cycle": 2, "method.attach_warmup": 1}]}}
+    with pytest.raises(RecipeError, match=r"sweep.baselines\[0\].*cannot be used with RepAn"):
+        validate_dict(d, "x")
+    d["sweep"]["pruner"] = "none"
+    validate_dict(d, "x")
+
+
+def test_trial_with_carry_best_val_reports_the_carried_epochs_validation(tmp_path, data_root, monkeypatch):
+    """2 cycles x 2 epochs (λ warm-up 1: λ = 1/2, 1) through run_trial, with the even epochs' validation
+    reported as 0 % so that the best epoch of each cycle is its first (inside the λ warm-up): the final
+    val/top1 and val/loss are the carried epoch's, and the deployed model is the validated one (same
+    top-1, loss and logits). The official re-expansion (new branches at γ = 1) makes λ matter from the
+    first epoch of cycle 2, so deploying the restored weights with the last epoch's λ = 1 would show."""
+    import repsearch.train as train_mod
+    import repsearch.trial as trial_mod
+
+    rec, _ = load_recipe(
+        RECIPE, "smoke",
+        ("data.train_subset=256", "data.val_size=64", "data.test_subset=64", "model.width=0.125",
+         "train.batch_size=32", "train.eval_batch_size=64", "train.epochs=4", "method.cycles=2",
+         "method.epochs_per_cycle=2", "method.attach_warmup=1", "train.warmup_epochs=0", "method.carry=best_val",
+         "method.reexpand=official", "train.lr=0.02", "sweep.params={}"),
+    )
+    rec = trial_recipe(rec, {}, 0)
+    real_evaluate = train_mod.evaluate
+    calls = []
+
+    def evaluate(model, loader, *a, **kw):  # the Trainer's validation, once per epoch
+        calls.append(eval_out(model, next(iter(loader))[0]))  # what validation saw: logits (B, 10)
+        loss, top1 = real_evaluate(model, loader, *a, **kw)
+        return (loss + 5.0, 0.0) if len(calls) % 2 == 0 else (loss, top1)
+
+    bundles = []
+    real_build = trial_mod.build_data
+    monkeypatch.setattr(trial_mod, "build_data", lambda *a, **kw: bundles.append(real_build(*a, **kw)) or bundles[-1])
+    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    result = trial_mod.run_trial(rec, data_root=str(data_root), device="cpu", out_dir=tmp_path / "t", progress=False)
+    h, final = result.history, result.final
+    deployed, _ = load_deployed(tmp_path / "t" / "deployed.pt", "cpu", 10)
+    dep_loss, dep_top1 = real_evaluate(deployed, bundles[0].val, torch.device("cpu"))
+    assert dep_loss == pytest.approx(h[2]["val/loss"], rel=1e-5) and dep_top1 == h[2]["val/top1"]
+    assert_close(eval_out(deployed, next(iter(bundles[0].val))[0]), calls[2])  # the validated model, λ included
+    assert len(calls) == 4 and h[3]["val/top1"] == 0.0
+    assert [e["from_epoch"] for e in result.events if e["kind"] == "carry"] == [1, 3]
+    assert final["val/top1"] == h[2]["val/top1"] and final["val/loss"] == h[2]["val/loss"]
+    assert final["deploy/val_top1"] == final["train_model/val_top1"] == h[2]["val/top1"]
+    assert final["repan/carried_epoch"] == 3.0
+    assert final["deploy/rel_err"] <= 1e-5
+
+
+def test_teacher_and_init_from_run_ids_are_resolved_by_the_parent_from_the_studys_store(tmp_path):
+    """A teacher (or init_from) named by run id comes from the depending study's own MLflow store,
+    before the study is named; an unknown run id is one line (exit 2 in the CLI)."""
+    from repsearch.dependencies import resolve_dependencies
+    from repsearch.errors import UserError
+    from repsearch.tracking import Tracker, resolve_stores
+
+    _save_deployed(tmp_path / "deployed.pt")
+    base = {"model": {"name": "vgg16", "width": 1 / 16}, "train": {"epochs": 2},
+            "method": {"name": "repan", "cycles": 2, "epochs_per_cycle": 1, "attach_warmup": 0}}
+    stores = resolve_stores(validate_dict(base, "r"), tmp_path / "teacher.yaml", runs_dir=tmp_path / "runs")
+    tracker = Tracker(stores)
+    run_id = tracker.start_trial(None, run_name="teacher", tags={})
+    tracker.log_artifacts(run_id, [tmp_path / "deployed.pt"])
+    d = {**base, "method": {**base["method"], "kd": {"teacher": run_id}}, "model": {**base["model"], "init_from": run_id}}
+    rec = validate_dict(d, "r")
+    assert rec.method.dependencies() == {"kd.teacher": "deployed.pt"}
+    resolved = resolve_dependencies(rec, tmp_path / "r.yaml", stores)
+    local = tmp_path / "runs" / "deps" / run_id / "deployed.pt"
+    assert Path(resolved.method.kd.teacher) == local.resolve() and Path(resolved.model.init_from) == local.resolve()
+    assert resolved.method.dependencies() == {}
+    d["method"]["kd"]["teacher"] = "f" * 32
+    with pytest.raises(UserError, match="no MLflow run") as exc:
+        resolve_dependencies(validate_dict(d, "r"), tmp_path / "r.yaml", stores)
+    assert "\n" not in str(exc.value)
