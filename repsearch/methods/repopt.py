@@ -189,7 +189,21 @@ def _model_blocks(model: nn.Module) -> list:
 
 @register_method
 class RepOpt(Method):
-    """RepOptimizers' two stages behind the method interface (see the module docstring)."""
+    """RepOptimizers' two stages behind the method interface (ICLR 2023 §3.2–3.4, Appendix A/B).
+
+    ``hyper_search``: :meth:`prepare` swaps every unit's conv (``model.blocks()``) for a
+    :class:`~repsearch.rep.csla.CSLABlock` with trainable scales; :meth:`optimizer` decays the
+    identity scales but not s/t (official ``set_weight_decay``); :meth:`deploy` fuses the blocks and
+    reads the trained scales, written by :meth:`artifacts` as ``scales.pt``.
+    ``target``: :meth:`prepare` loads the constants (``scales``) and applies the Rule of
+    Initialization (``reinit``); :meth:`optimizer` returns :class:`repsearch.gradmult.RepOptSGD` /
+    :class:`repsearch.gradmult.RepOptAdamW` with one Grad Mult tensor ``(C_out, C_in, 3, 3)`` per
+    unit conv (``grad_mult``), or plain SGD/AdamW. Deploy is a copy (the model is already plain).
+
+    Raises:
+        ValueError: a model without ``blocks()`` (``prepare``).
+        repsearch.methods.scales.ScalesError: a missing, altered or mismatched scales file (``prepare``).
+    """
 
     Spec = RepOptSpec
 
@@ -296,8 +310,13 @@ class RepOpt(Method):
         ]
 
     def grad_mults(self, model: nn.Module, power: int) -> dict[nn.Parameter, torch.Tensor]:
-        """``{conv.weight: multiplier}`` for every block of the target model (RepOpt Appendix A),
-        on the weight's device, dtype and memory format; ``power`` 2 (SGD) or 1 (AdamW)."""
+        """``{conv.weight: multiplier (C_out, C_in, K, K)}`` for every unit conv of the target model
+        (RepOpt §3.2, Appendix A), on the weight's device, dtype and memory format; ``power`` 2 (SGD)
+        or 1 (AdamW, on |s| and |t|).
+
+        Raises:
+            ValueError: ``power`` not 1 or 2 (from :func:`repsearch.gradmult.grad_mult`).
+        """
         from repsearch.gradmult import grad_mult
 
         out = {}

@@ -54,7 +54,11 @@ def summarize(blocks: list[dict[str, Any]]) -> dict[str, float]:
     """Summary statistics over every block's channels: ``s_mean``, ``s_abs_mean``, ``s_std``,
     ``t_mean``, ``t_abs_mean``, ``t_std``, ``identity_mean`` (NaN without identity branches) and
     ``n_negative_s`` / ``n_negative_t`` (channels with a negative searched scale: the Grad Mult uses
-    |s| for AdamW because of them)."""
+    |s| for AdamW because of them). Dimensionless scale values.
+
+    Raises:
+        KeyError / RuntimeError: blocks without ``s``/``t`` tensors, or an empty block list.
+    """
     s = torch.cat([b["s"].float().flatten() for b in blocks])
     t = torch.cat([b["t"].float().flatten() for b in blocks])
     ids = [b["identity"].float().flatten() for b in blocks if b.get("identity") is not None]
@@ -73,7 +77,17 @@ def summarize(blocks: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def build_scales(model: str, width: float, model_kwargs: dict[str, Any], blocks: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``scales.pt`` payload from per-block scales (tensors detached, moved to CPU float32)."""
+    """The ``scales.pt`` payload from per-block scales (tensors detached, moved to CPU float32).
+
+    Args:
+        model, width, model_kwargs: the Hyper-Search model's name, width multiplier and constructor
+            arguments.
+        blocks: per unit ``{"path", "stage", "index", "has_identity", "s" (C_out,), "t" (C_out,),
+            "identity" (C_out,) or None}`` in ``model.blocks()`` order.
+
+    Raises:
+        KeyError: a block without one of those keys.
+    """
     clean = []
     for b in blocks:
         clean.append({
@@ -95,7 +109,8 @@ def build_scales(model: str, width: float, model_kwargs: dict[str, Any], blocks:
 
 
 def save_scales(payload: dict[str, Any], path: Path) -> Path:
-    """Write ``payload`` (from :func:`build_scales`) to ``path`` with ``torch.save``."""
+    """Write ``payload`` (from :func:`build_scales`) to ``path`` with ``torch.save`` (parent folders
+    created). Returns ``path``. Raises ``OSError`` when the file cannot be written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
