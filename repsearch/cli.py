@@ -1,4 +1,4 @@
-"""The ``repsearch`` command line (click): ``run``, ``validate``, ``quantize``, ``spaces``, ``ui``.
+"""The ``repsearch`` command line (click): ``run``, ``validate``, ``compare``, ``quantize``, ``spaces``, ``ui``.
 
 User mistakes (:class:`repsearch.errors.UserError`) print one line ``repsearch: error: ...`` on stderr
 and exit with status 2, no traceback; anything else is a bug and keeps its traceback (exit 1).
@@ -217,20 +217,76 @@ def quantize(run_id, calib_batches, data_root, runs_dir, tracking_uri):
 
 
 @main.command()
+@click.argument("name")
+@click.option("--study", default=None, help="A study of experiment NAME (default: its latest).")
+@click.option("--all", "all_studies", is_flag=True, help="Every study of experiment NAME.")
+@click.option("--baseline", default=None, metavar="ROW", help="Row label for paired deltas matched by seed (e.g. origin).")
+@click.option("--metric", "metrics", multiple=True, metavar="M", help="Extra final metric, e.g. int8/test_top1; repeatable.")
+@click.option("--runs-dir", default=None, help="Runs folder (MLflow store); default ./runs.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (> MLFLOW_TRACKING_URI).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "markdown"]), default="table", show_default=True)
+@click.option("--no-plots", is_flag=True, help="Do not regenerate the plots.")
+@user_errors
+def compare(name, study, all_studies, baseline, metrics, runs_dir, tracking_uri, fmt, no_plots):
+    """Compare the configurations of study NAME (or experiment NAME's latest study) from MLflow:
+    val/test top-1 mean ± std and 95% t-interval over seeds, paired deltas to --baseline, avg FLOPs,
+    params, device-hours, images/s; logs the table (CSV, Markdown) and plots on the study's parent run."""
+    from rich.console import Console
+
+    from repsearch.compare import compare as run_compare
+    from repsearch.compare import rich_table, to_csv, to_markdown
+
+    comparisons = run_compare(
+        name, study=study, all_studies=all_studies, baseline=baseline, metrics=metrics, runs_dir=runs_dir,
+        tracking_uri=tracking_uri, plots=not no_plots,
+    )
+    console = Console(width=None if sys.stdout.isatty() else 300)
+    for cmp in comparisons:
+        if fmt == "csv":
+            click.echo(to_csv(cmp), nl=False)
+        elif fmt == "markdown":
+            click.echo(to_markdown(cmp), nl=False)
+        else:
+            console.print(rich_table(cmp))
+            for line in cmp.warnings:
+                console.print(line, style="yellow", markup=False, highlight=False)
+            console.print(f"artifacts on parent run {cmp.parent_run_id}: {', '.join(cmp.artifacts)}", markup=False, highlight=False)
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot serve the MLflow UI on {host}:{port} ({exc.strerror or exc}); pass another --port") from None
+
+
+@main.command()
 @click.option("--runs-dir", default=None, help="Runs folder (default ./runs or mlflow.yaml).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (> MLFLOW_TRACKING_URI).")
 @click.option("--host", default=None, help="Bind address (default 127.0.0.1).")
 @click.option("--port", default=None, type=int, help="Port (default from mlflow.yaml, 5000).")
 @user_errors
-def ui(runs_dir, host, port):
-    """Open the MLflow UI on the runs folder (needs the `ui` extra: full mlflow). Binds 127.0.0.1."""
+def ui(runs_dir, tracking_uri, host, port):
+    """Open the MLflow UI on the runs folder (needs the `ui` extra: full mlflow). Binds 127.0.0.1.
+    Prints the URL of the latest study's compare view first."""
     import importlib.util
     import shutil
 
+    from repsearch.compare import latest_study_url
     from repsearch.tracking import UI_ENV, ui_command
 
-    if importlib.util.find_spec("flask") is None:  # mlflow-skinny has the CLI but not the server
-        raise UserError("the MLflow UI needs the full mlflow package: pip install -e '.[ui]' -c constraints.txt")
-    cmd = ui_command(runs_dir=runs_dir, host=host, port=port)
+    if importlib.util.find_spec("flask") is None or importlib.util.find_spec("mlflow.server") is None:
+        # mlflow-skinny has the CLI but not the server
+        raise UserError("the MLflow UI needs the full mlflow package (the ui extra): pip install -e '.[ui]' -c constraints.txt")
+    cmd = ui_command(runs_dir=runs_dir, tracking_uri=tracking_uri, host=host, port=port)
+    h, p = cmd[cmd.index("--host") + 1], int(cmd[cmd.index("--port") + 1])
+    _check_port(h, p)
+    url = latest_study_url(h, p, runs_dir=runs_dir, tracking_uri=tracking_uri)
+    if url:
+        click.echo(f"compare view of the latest study: {url}")
     beside = Path(sys.executable).parent / cmd[0]  # the venv's own mlflow, even when not on PATH
     if beside.exists():
         cmd[0] = str(beside)

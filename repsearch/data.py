@@ -7,10 +7,26 @@ What it reads (under a data root, see :func:`resolve_data_root` and :func:`find_
   e.g. the JPEG re-encoding in ``shared/data``); ``cifar100`` likewise with
   ``root/cifar-100-python/`` or ``root/cifar100/``.
 - ``folder``: any ImageNet-style dataset, ``root/train/<class>/...`` and ``root/val/<class>/...``.
-  Limitation: every image is decoded once into a fixed square size (``image_size``, default 32:
-  shorter side resized with bilinear filtering, then centre-cropped) and held in memory as uint8,
-  so this suits small-image datasets and down-sampled ImageNet variants, not full-resolution
-  ImageNet training with random-resized crops.
+  Every image is decoded once into a fixed square (shorter side resized with PIL's bilinear
+  filter, which low-pass filters when it shrinks, then centre-cropped) and held in memory as uint8.
+  Two augmentations (``augment``):
+
+  * ``"cifar"`` (default, today's behaviour): images stored at ``image_size`` (default 32) and
+    trained with the CIFAR recipe below; evaluation sees the stored image.
+  * ``"imagenet"`` (the torchvision ImageNet reference recipe, as DyRep Table 3 trains): images
+    stored at ``resize = round(image_size / 0.875)`` (256 for 224). Evaluation = ``Resize(resize)``
+    + ``CenterCrop(image_size)`` exactly (the centre crop of the stored square). Training =
+    ``RandomResizedCrop(image_size, scale=(0.08, 1), ratio=(3/4, 4/3))`` + horizontal flip, done
+    in batches on the device: the crop box is drawn as torchvision draws it (10 tries, then the
+    whole image), and resampled bilinearly with ``grid_sample`` (no antialiasing when a large box
+    shrinks). Differences from torchvision: the box is drawn within the stored centre square, not
+    the whole original image, and images are stored at ``resize`` px, so a box is upsampled from
+    at most that resolution.
+
+  Memory: the whole decoded set is held in memory (host, and device on CUDA): ``N * resize^2 * 3``
+  bytes, e.g. 196 KiB per image at 256 px, 252 GB for ImageNet-1k's 1.28 M training images, so
+  full ImageNet needs a machine with that much memory (or a smaller ``image_size``); the tiny
+  folders of the tests and subsets fit anywhere.
 
 Images are decoded once into uint8 arrays ``(N, H, W, 3)`` plus int64 labels ``(N,)`` and cached
 under ``$REPSEARCH_CACHE`` (default ``~/.cache/repsearch``); the data root is never written to.
@@ -21,8 +37,9 @@ images); ``train_subset`` / ``test_subset`` are stratified subsets for smoke run
 
 Augmentation (training only) is the standard CIFAR recipe (He et al. 2016, Sec. 4.2): 4-pixel zero
 padding + random 32x32 crop, horizontal flip with p = 0.5, then per-channel normalisation, and
-optionally Cutout (DeVries & Taylor 2017, Sec. 3: one square zeroed after normalisation). It runs
-in batches on the device that holds the data (the whole uint8 dataset lives on the GPU on CUDA).
+optionally Cutout (DeVries & Taylor 2017, Sec. 3: one square zeroed after normalisation); or, for
+``augment="imagenet"`` folders, the random-resized crop above. It runs in batches on the device
+that holds the data (the whole uint8 dataset lives on the GPU on CUDA).
 """
 
 from __future__ import annotations
@@ -49,6 +66,12 @@ log = logging.getLogger(__name__)
 
 DATASETS = ("cifar10", "cifar100", "folder")
 FORMATS = ("auto", "torchvision", "imagefolder")
+AUGMENTS = ("cifar", "imagenet")
+#: Eval crop / resize ratio of the ImageNet recipe (224 / 256; torchvision's reference scripts).
+CROP_RATIO = 0.875
+#: RandomResizedCrop's defaults (torchvision; Szegedy et al. 2015 "Going deeper", Sec. 6).
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 #: Per-channel (mean, std) of the training images, RGB order, in [0, 1] units.
 CIFAR_STATS = {
@@ -536,6 +559,42 @@ def _mix_seed(seed: int, epoch: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def _resized_crop_boxes(n: int, h: int, w: int, gen: torch.Generator, tries: int = 10) -> torch.Tensor:
+    """``n`` RandomResizedCrop boxes ``(top, left, height, width)`` in an ``h`` x ``w`` image: int64 ``(n, 4)``.
+
+    torchvision's ``RandomResizedCrop.get_params``, vectorised over images and drawn from ``gen``:
+    up to ``tries`` draws of an area fraction uniform in :data:`RRC_SCALE` and a log-uniform aspect
+    ratio in :data:`RRC_RATIO`, sides ``round(sqrt(area * ratio))`` x ``round(sqrt(area / ratio))``;
+    the first draw that fits is placed uniformly; an image with none falls back to the largest
+    centred box within the ratio bounds (the whole image for square images).
+    Source: torchvision.transforms.RandomResizedCrop; Szegedy et al. 2015 Sec. 6.
+    """
+    area = float(h * w)
+    frac = torch.empty(n, tries, dtype=torch.float64).uniform_(RRC_SCALE[0], RRC_SCALE[1], generator=gen)
+    log_r = torch.empty(n, tries, dtype=torch.float64).uniform_(math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]), generator=gen)
+    ratio = torch.exp(log_r)
+    bw = torch.round(torch.sqrt(area * frac * ratio)).to(torch.int64)
+    bh = torch.round(torch.sqrt(area * frac / ratio)).to(torch.int64)
+    fits = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)
+    first = torch.argmax(fits.to(torch.int8), dim=1)  # index of the first fitting try (0 if none)
+    found = fits.any(dim=1)
+    rows = torch.arange(n)
+    bw, bh = bw[rows, first], bh[rows, first]
+    in_ratio = w / h
+    if in_ratio < RRC_RATIO[0]:
+        fw, fh = w, int(round(w / RRC_RATIO[0]))
+    elif in_ratio > RRC_RATIO[1]:
+        fw, fh = int(round(h * RRC_RATIO[1])), h
+    else:
+        fw, fh = w, h
+    bw = torch.where(found, bw, torch.full_like(bw, fw))
+    bh = torch.where(found, bh, torch.full_like(bh, fh))
+    u = torch.rand(n, 2, dtype=torch.float64, generator=gen)
+    top = torch.where(found, torch.floor(u[:, 0] * (h - bh + 1)).to(torch.int64), (h - bh) // 2)
+    left = torch.where(found, torch.floor(u[:, 1] * (w - bw + 1)).to(torch.int64), (w - bw) // 2)
+    return torch.stack([top, left, bh, bw], dim=1)
+
+
 class DeviceLoader:
     """Batches of a uint8 image tensor that lives on ``device``, augmented and normalised there.
 
@@ -558,15 +617,23 @@ class DeviceLoader:
         flip: random horizontal flip with p = 0.5 (training only).
         drop_last: drop the last partial batch (default: ``train``).
         channels_last: yield ``torch.channels_last`` tensors.
+        crop: side ``C`` in pixels of the batches (default: the stored side ``H``; needs square
+            images when smaller). Training: a random ``C``x``C`` crop of the zero-padded image
+            (offsets uniform in ``[0, H + 2 pad - C]``) or, with ``resized_crop``, a random-resized
+            crop; evaluation: the centre ``C``x``C`` crop (torchvision ``CenterCrop``).
+        resized_crop: training batches use torchvision's ``RandomResizedCrop(C, scale=RRC_SCALE,
+            ratio=RRC_RATIO)`` box sampling (10 tries per image, then the whole image), resampled
+            bilinearly (``F.grid_sample``, ``align_corners=False``), instead of pad + crop.
 
-    Iterating yields ``(images, labels)``: float32 ``(B, 3, H, W)`` normalised, int64 ``(B,)``.
+    Iterating yields ``(images, labels)``: float32 ``(B, 3, C, C)`` normalised, int64 ``(B,)``.
     ``len(loader)`` is the number of batches per epoch. Call :meth:`set_epoch` at the start of
     every epoch (as with ``DistributedSampler``); without it each ``iter()`` advances the epoch by
     one. :meth:`batches` iterates a given epoch without touching the counter (for probes).
 
     Raises:
         ValueError: bad shapes, dtype or batch size (programming errors).
-    Source: He et al. 2016 Sec. 4.2 (pad 4, crop, flip); DeVries & Taylor 2017 (Cutout).
+    Source: He et al. 2016 Sec. 4.2 (pad 4, crop, flip); DeVries & Taylor 2017 (Cutout);
+    torchvision ``RandomResizedCrop`` / ``CenterCrop`` (ImageNet reference recipe).
     """
 
     def __init__(
@@ -585,6 +652,8 @@ class DeviceLoader:
         flip: bool = True,
         drop_last: bool | None = None,
         channels_last: bool = False,
+        crop: int | None = None,
+        resized_crop: bool = False,
     ) -> None:
         device = torch.device(device)
         x = torch.as_tensor(images)
@@ -601,6 +670,17 @@ class DeviceLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if cutout < 0 or pad < 0:
             raise ValueError("cutout and pad must be >= 0")
+        h, w = int(x.shape[1]), int(x.shape[2])
+        if crop is None and resized_crop:
+            raise ValueError("resized_crop needs crop (the output side)")
+        if crop is None:
+            crop_hw = (h, w)
+        else:
+            if h != w:
+                raise ValueError(f"crop needs square images, got {h}x{w}")
+            if not 1 <= int(crop) <= min(h, w):
+                raise ValueError(f"crop must be between 1 and the image side {min(h, w)}, got {crop}")
+            crop_hw = (int(crop), int(crop))
         self.images = x.contiguous().to(device)
         self.labels = y.contiguous().to(device)
         self.device = device
@@ -612,6 +692,9 @@ class DeviceLoader:
         self.flip = bool(flip)
         self.drop_last = self.train if drop_last is None else bool(drop_last)
         self.channels_last = bool(channels_last)
+        self.crop = crop_hw[0]
+        self._crop_hw = crop_hw
+        self.resized_crop = bool(resized_crop)
         self.num_samples = int(x.shape[0])
         self.epoch = 0
         mean_t = torch.tensor(mean, dtype=torch.float32)
@@ -635,27 +718,43 @@ class DeviceLoader:
         return self.batches(epoch)
 
     def _plan(self, epoch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The epoch's permutation ``(N,)`` and augmentation draws ``(N, 5)`` on ``device``.
+        """The epoch's permutation ``(N,)`` and augmentation draws ``(N, 5)`` (``(N, 7)`` with
+        ``resized_crop``) on ``device``.
 
-        Columns of the draws: crop row offset, crop col offset (in ``[0, 2 pad]``), flip (0/1),
-        cutout centre row, cutout centre col.
+        Columns of the draws: crop row offset, crop col offset (in ``[0, H + 2 pad - C]``, padded
+        coordinates), flip (0/1), cutout centre row, cutout centre col (in the ``C``x``C`` output).
+        With ``resized_crop``: box top row, box left col, box height, box width (stored pixels),
+        flip, cutout centre row, cutout centre col.
         """
         if not self.train:
             return None, None
         n = self.num_samples
         h, w = self.images.shape[1:3]
+        ch, cw = self._crop_hw
         gen = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
         perm = torch.randperm(n, generator=gen)
-        draws = torch.stack(
-            [
-                torch.randint(0, 2 * self.pad + 1, (n,), generator=gen),
-                torch.randint(0, 2 * self.pad + 1, (n,), generator=gen),
-                torch.randint(0, 2, (n,), generator=gen),
-                torch.randint(0, h, (n,), generator=gen),
-                torch.randint(0, w, (n,), generator=gen),
-            ],
-            dim=1,
-        )
+        if self.resized_crop:
+            box = _resized_crop_boxes(n, h, w, gen)
+            draws = torch.cat(
+                [
+                    box,
+                    torch.randint(0, 2, (n, 1), generator=gen),
+                    torch.randint(0, ch, (n, 1), generator=gen),
+                    torch.randint(0, cw, (n, 1), generator=gen),
+                ],
+                dim=1,
+            )
+        else:
+            draws = torch.stack(
+                [
+                    torch.randint(0, h + 2 * self.pad - ch + 1, (n,), generator=gen),
+                    torch.randint(0, w + 2 * self.pad - cw + 1, (n,), generator=gen),
+                    torch.randint(0, 2, (n,), generator=gen),
+                    torch.randint(0, ch, (n,), generator=gen),
+                    torch.randint(0, cw, (n,), generator=gen),
+                ],
+                dim=1,
+            )
         both = torch.cat([perm[:, None], draws], dim=1).to(self.device)  # one host-to-device copy
         return both[:, 0], both[:, 1:]
 
@@ -670,34 +769,72 @@ class DeviceLoader:
         for b in range(len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)
             if perm is None:
-                x = self.images[lo:hi].to(torch.float32)
+                x = self.images[lo:hi]
+                h, w = x.shape[1:3]
+                ch, cw = self._crop_hw
+                if (ch, cw) != (h, w):  # torchvision CenterCrop: offset round((H - C) / 2)
+                    top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+                    x = x[:, top : top + ch, left : left + cw]
+                x = x.to(torch.float32)
                 y = self.labels[lo:hi]
                 x = x * self._scale + self._shift
             else:
                 idx = perm[lo:hi]
                 y = self.labels[idx]
-                x = self._augment(idx, draws[lo:hi])
+                x = self._resized_crop(idx, draws[lo:hi]) if self.resized_crop else self._augment(idx, draws[lo:hi])
             x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last strides
             yield (x if self.channels_last else x.contiguous()), y
 
     def _augment(self, idx: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-        """Gather, crop, flip, normalise and cut out a batch: float32 ``(B, H, W, 3)``."""
+        """Gather, crop, flip, normalise and cut out a batch: float32 ``(B, C, C, 3)``."""
         _, h, w, _ = self.images.shape
-        rows = torch.arange(h, device=self.device)
-        cols = torch.arange(w, device=self.device)
-        src_r = draws[:, 0:1] - self.pad + rows  # (B, H): source row of every output row
+        ch, cw = self._crop_hw
+        rows = torch.arange(ch, device=self.device)
+        cols = torch.arange(cw, device=self.device)
+        src_r = draws[:, 0:1] - self.pad + rows  # (B, C): source row of every output row
         if self.flip:
-            cols_or_flipped = torch.where(draws[:, 2:3].bool(), (w - 1) - cols, cols)  # (B, W)
+            cols_or_flipped = torch.where(draws[:, 2:3].bool(), (cw - 1) - cols, cols)  # (B, C)
         else:
-            cols_or_flipped = cols.expand(len(idx), w)
-        src_c = draws[:, 1:2] - self.pad + cols_or_flipped  # (B, W)
+            cols_or_flipped = cols.expand(len(idx), cw)
+        src_c = draws[:, 1:2] - self.pad + cols_or_flipped  # (B, C)
         valid = ((src_r >= 0) & (src_r < h))[:, :, None] & ((src_c >= 0) & (src_c < w))[:, None, :]
         x = self.images[idx[:, None, None], src_r.clamp(0, h - 1)[:, :, None], src_c.clamp(0, w - 1)[:, None, :]]
         x = x.to(torch.float32) * valid[..., None]  # zero padding (before normalisation)
         x = x * self._scale + self._shift
+        return self._cutout(x, draws[:, 3:4], draws[:, 4:5])
+
+    def _resized_crop(self, idx: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """Gather, random-resized-crop (bilinear), flip, normalise, cut out: float32 ``(B, C, C, 3)``.
+
+        The box ``(top, left, height, width)`` in stored pixels maps to the output through an
+        affine grid (``align_corners=False``: pixel centres at ``(2 i + 1) / H - 1``), so the
+        output samples the box exactly as a bilinear ``resize`` of the cropped box would (without
+        antialiasing); a flip negates the horizontal scale.
+        """
+        import torch.nn.functional as F
+
+        _, h, w, _ = self.images.shape
+        ch, cw = self._crop_hw
+        x = self.images[idx].permute(0, 3, 1, 2).to(torch.float32)  # (B, 3, H, W)
+        d = draws.to(torch.float32)
+        top, left, bh, bw = d[:, 0], d[:, 1], d[:, 2], d[:, 3]
+        sign = 1.0 - 2.0 * d[:, 4] if self.flip else torch.ones_like(bw)
+        theta = torch.zeros(len(idx), 2, 3, device=self.device)
+        theta[:, 0, 0] = sign * bw / w
+        theta[:, 0, 2] = (2 * left + bw) / w - 1
+        theta[:, 1, 1] = bh / h
+        theta[:, 1, 2] = (2 * top + bh) / h - 1
+        grid = F.affine_grid(theta, [len(idx), 3, ch, cw], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        x = x.permute(0, 2, 3, 1) * self._scale + self._shift
+        return self._cutout(x, draws[:, 5:6], draws[:, 6:7])
+
+    def _cutout(self, x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
+        """Zero the Cutout square (centre ``(cy, cx)``, each ``(B, 1)``) of ``x`` ``(B, C, C, 3)``."""
+        rows = torch.arange(x.shape[1], device=self.device)
+        cols = torch.arange(x.shape[2], device=self.device)
         if self.cutout > 0:
             half = self.cutout // 2
-            cy, cx = draws[:, 3:4], draws[:, 4:5]
             in_r = (rows >= cy - half) & (rows < cy + half)  # (B, H)
             in_c = (cols >= cx - half) & (cols < cx + half)  # (B, W)
             x = x.masked_fill((in_r[:, :, None] & in_c[:, None, :])[..., None], 0.0)
@@ -718,7 +855,8 @@ class DataBundle:
         num_classes, classes: class count and names (index = label).
         mean, std: normalisation statistics used (RGB, [0, 1] units).
         n_train, n_val, n_test: images in each split.
-        dataset, layout, image_size: what was read and how.
+        dataset, layout: what was read and how; image_size: side in pixels of the batches the
+            model sees; augment: ``"cifar"`` or ``"imagenet"`` (module docstring).
     """
 
     train: DeviceLoader
@@ -734,6 +872,24 @@ class DataBundle:
     dataset: str = "cifar10"
     layout: str = "imagefolder"
     image_size: int = 32
+    augment: str = "cifar"
+
+
+def stored_size(image_size: int | None, augment: str = "cifar") -> int | None:
+    """Side in pixels at which images are decoded and held: ``image_size`` for ``"cifar"`` (``None``
+    = the dataset's own 32), ``round(image_size / CROP_RATIO)`` for ``"imagenet"`` (256 for 224:
+    torchvision's ``Resize(256)`` + ``CenterCrop(224)``).
+
+    Raises:
+        DataError: an unknown ``augment``, or ``"imagenet"`` without an ``image_size``.
+    """
+    if augment not in AUGMENTS:
+        raise DataError(f"unknown data.augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    if augment == "cifar" or image_size is None:
+        if augment == "imagenet":
+            raise DataError("data.augment 'imagenet' needs data.image_size (e.g. 224)")
+        return image_size
+    return int(round(int(image_size) / CROP_RATIO))
 
 
 def build_data(
@@ -752,12 +908,17 @@ def build_data(
     seed: int = 0,
     channels_last: bool = False,
     image_size: int | None = None,
+    augment: str = "cifar",
 ) -> DataBundle:
     """Decode (or load from cache), split and wrap a dataset in device-resident loaders.
 
     Args:
         root: the data root (:func:`resolve_data_root`).
-        dataset, fmt, download, image_size: see :func:`load_arrays`.
+        dataset, fmt, download: see :func:`load_arrays`.
+        image_size: side in pixels of the batches (``None``: 32, the stored size).
+        augment: ``"cifar"`` (pad 4 + crop + flip, images stored at ``image_size``) or
+            ``"imagenet"`` (``"folder"`` only: stored at :func:`stored_size`, random-resized crop +
+            flip for training, centre crop for evaluation; see the module docstring).
         val_size, split_seed, train_subset, test_subset: see :func:`make_splits`; ``val_size`` 0
             gives ``val=None``.
         cutout: Cutout side in pixels for training batches (0: off).
@@ -770,14 +931,18 @@ def build_data(
         :class:`DataBundle`.
     Raises:
         DataError: missing root or layout, unreadable files, subset or split larger than the
-            data, a training set smaller than one batch, negative cutout, batch size below 1.
-    Source: DESIGN.md "Data — contract".
+            data, a training set smaller than one batch, negative cutout, batch size below 1, an
+            unknown ``augment`` or ``"imagenet"`` on a CIFAR dataset.
+    Source: DESIGN.md "Data — contract"; torchvision's ImageNet reference recipe (``"imagenet"``).
     """
     if int(batch_size) < 1 or (eval_batch_size is not None and int(eval_batch_size) < 1):
         raise DataError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
     if int(cutout) < 0:
         raise DataError(f"data.cutout must be >= 0 pixels, got {cutout}")
-    data = load_arrays(root, dataset, fmt, download=download, image_size=image_size)
+    if augment == "imagenet" and dataset != "folder":
+        raise DataError(f"data.augment 'imagenet' applies to data.dataset folder only, not {dataset}")
+    data = load_arrays(root, dataset, fmt, download=download, image_size=stored_size(image_size, augment))
+    crop = int(image_size) if augment == "imagenet" else None
     train_idx, val_idx, test_idx = make_splits(
         data.train_y, data.test_y, val_size=val_size, split_seed=split_seed,
         train_subset=train_subset, test_subset=test_subset,
@@ -788,10 +953,10 @@ def build_data(
             "(lower train.batch_size or raise data.train_subset)"
         )
     eval_bs = int(eval_batch_size or batch_size)
-    common = dict(mean=data.mean, std=data.std, device=device, channels_last=channels_last)
+    common = dict(mean=data.mean, std=data.std, device=device, channels_last=channels_last, crop=crop)
     train = DeviceLoader(
         data.train_x[train_idx], data.train_y[train_idx], int(batch_size),
-        train=True, seed=seed, cutout=int(cutout), **common,
+        train=True, seed=seed, cutout=int(cutout), resized_crop=augment == "imagenet", **common,
     )
     val = None
     if len(val_idx):
@@ -804,5 +969,5 @@ def build_data(
     return DataBundle(
         train=train, val=val, test=test, num_classes=len(data.classes), classes=list(data.classes),
         mean=tuple(data.mean), std=tuple(data.std), n_train=len(train_idx), n_val=len(val_idx),
-        n_test=len(test_idx), dataset=dataset, layout=data.layout, image_size=int(data.train_x.shape[1]),
+        n_test=len(test_idx), dataset=dataset, layout=data.layout, image_size=train.crop, augment=augment,
     )

@@ -256,7 +256,7 @@ def calibration_batches(data, n: int, *, seed: int = 0, batch_size: Optional[int
     train = data.train
     loader = DeviceLoader(
         train.images, train.labels, int(batch_size or train.batch_size), mean=data.mean, std=data.std,
-        train=True, device=train.device, seed=seed, cutout=0, pad=0, flip=False, drop_last=True,
+        train=True, device=train.device, seed=seed, cutout=0, pad=0, flip=False, drop_last=True, crop=train.crop,
     )
     out = []
     for images, _ in loader.batches(0):
@@ -477,7 +477,7 @@ def quantize_run(
         resolve_data_root(data_root, d.root), dataset=d.dataset, fmt=d.format, download=d.download,
         val_size=d.val_size, split_seed=d.split_seed, train_subset=d.train_subset, test_subset=d.test_subset,
         cutout=d.cutout, batch_size=recipe.train.batch_size, eval_batch_size=recipe.train.eval_batch_size,
-        device="cpu", seed=recipe.seed,
+        device="cpu", seed=recipe.seed, image_size=d.image_size, augment=d.augment,
     )
     cpu = torch.device("cpu")
     fp32 = {"test/top1": evaluate(plain, data.test, cpu)[1]}

@@ -16,7 +16,9 @@ with a single seed there is none and the table shows the mean alone (the ``n`` c
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
@@ -39,6 +41,54 @@ OPTIONAL_COLUMNS = (
     ("int8 test top-1 (%)", "int8/test_top1", "stat"),
     ("kernel std", "int8/kernel_std_mean", "mean_g"),
 )
+
+
+#: ``key=`` at the start of a point id or after ``", "`` (values hold ", " only inside brackets).
+_KEY_RE = re.compile(r"(?:^|, )([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)=")
+
+
+def config_label(point: str, method: Optional[str]) -> str:
+    """Readable row label of a configuration: the method name plus the overrides of its point.
+
+    ``method.`` is left off the override keys and ``method.name`` is the leading word, so
+    ``method.scoring=synflow`` (method dyrep) -> ``dyrep scoring=synflow``,
+    ``baseline:method.name=static, method.space=dbb`` -> ``static space=dbb``,
+    ``baseline:method.name=origin`` -> ``origin``, ``default`` (no overrides) -> ``dyrep``, a sampled
+    configuration ``#3 method.gamma_init=0.01`` -> ``dyrep #3 gamma_init=0.01``. Keys outside
+    ``method`` keep their dotted path (``train.lr=0.05``). Never ``default``.
+
+    Args:
+        point: the point id (``repsearch.sweep.point_id``; the ``point`` tag / user attribute).
+        method: the trial recipe's ``method.name``; None (unknown) returns ``point`` unchanged.
+    """
+    if method is None:
+        return point
+    rest = point[len("baseline:"):] if point.startswith("baseline:") else point
+    prefix = ""
+    m = re.match(r"#\d+ ", rest)
+    if m:
+        prefix, rest = m.group(0).strip(), rest[m.end():]
+    if rest == "default":
+        rest = ""
+    starts = list(_KEY_RE.finditer(rest))
+    parts = []
+    for i, km in enumerate(starts):
+        end = starts[i + 1].start() if i + 1 < len(starts) else len(rest)
+        key, value = km.group(1), rest[km.end():end]
+        if key == "method.name":
+            continue
+        parts.append(f"{key[len('method.'):] if key.startswith('method.') else key}={value}")
+    if rest and not starts:  # not a key=value id: keep it whole
+        parts = [rest]
+    return " ".join([method] + ([prefix] if prefix else []) + parts)
+
+
+def unique_labels(labels: dict[str, str]) -> dict[str, str]:
+    """``point -> label`` with clashing labels made unique by appending the point id in brackets."""
+    counts: dict[str, int] = {}
+    for lab in labels.values():
+        counts[lab] = counts.get(lab, 0) + 1
+    return {p: (lab if counts[lab] == 1 else f"{lab} [{p}]") for p, lab in labels.items()}
 
 
 class Stat(NamedTuple):
@@ -69,6 +119,8 @@ class ReportRow:
 
     Attributes:
         configuration: the point id (e.g. ``method.scoring=snip``, ``baseline:method.name=origin``).
+        label: the row label shown in tables (:func:`config_label`, e.g. ``dyrep scoring=snip``,
+            ``origin``); equal to ``configuration`` when the method is unknown.
         n: COMPLETE trials (seeds) summarised; ``n_pruned`` / ``n_failed``: seeds pruned / failed
             (failed = no COMPLETE or PRUNED trial for that seed and at least one FAIL).
         seeds: the seeds of the COMPLETE trials.
@@ -87,6 +139,11 @@ class ReportRow:
     stats: dict[str, Stat] = field(default_factory=dict)
     cost_gpu_hours: Optional[float] = None
     not_learning: list[tuple[Any, str]] = field(default_factory=list)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            self.label = self.configuration
 
     def stat(self, key: str) -> Stat:
         """The :class:`Stat` of a final measure (empty if it was never recorded)."""
@@ -116,8 +173,18 @@ def _state_name(trial: Any) -> str:
     return getattr(state, "name", str(state))
 
 
+def _trial_method(t: Any, method: Optional[str]) -> Optional[str]:
+    try:
+        overrides = json.loads((getattr(t, "user_attrs", None) or {}).get("overrides") or "{}")
+    except (TypeError, ValueError):
+        overrides = {}
+    name = overrides.get("method.name") if isinstance(overrides, dict) else None
+    return str(name) if name is not None else method
+
+
 def rows_from_trials(
-    trials: Sequence[Any], order: Optional[Sequence[str]] = None, keys: Optional[Sequence[str]] = None
+    trials: Sequence[Any], order: Optional[Sequence[str]] = None, keys: Optional[Sequence[str]] = None,
+    method: Optional[str] = None,
 ) -> list[ReportRow]:
     """Group a study's trials by configuration (user attribute ``point``) and summarise them.
 
@@ -125,6 +192,9 @@ def rows_from_trials(
         trials: ``optuna.trial.FrozenTrial`` objects (anything with ``state``, ``user_attrs``).
         order: configuration ids in the wanted row order; others follow in order of first trial.
         keys: final-measure keys to summarise besides the table's columns (e.g. the objectives).
+        method: the recipe's ``method.name``; with it every row gets its :func:`config_label`
+            (a point's own ``method.name`` override, user attribute ``overrides``, wins). Without
+            it the label is the point id.
 
     Returns:
         One :class:`ReportRow` per configuration.
@@ -139,6 +209,7 @@ def rows_from_trials(
     names = sorted(groups, key=lambda p: (rank.get(p, len(rank)), min(t.number for t in groups[p])))
     known = [c[1] for c in COLUMNS + OPTIONAL_COLUMNS]
     wanted_keys = known + [k for k in (keys or []) if k not in known]
+    labels = unique_labels({p: config_label(p, _trial_method(groups[p][0], method) if method else None) for p in names})
     rows = []
     for name in names:
         by_seed: dict[Any, list[Any]] = {}
@@ -173,6 +244,7 @@ def rows_from_trials(
                 stats=stats,
                 cost_gpu_hours=sum(costs) if costs else None,
                 not_learning=not_learning,
+                label=labels[name],
             )
         )
     return rows
@@ -222,7 +294,7 @@ def comparison_table(
     the ``n`` column (``2 (1 not learning)``); print :func:`not_learning_warnings` below the table.
     """
     table = Table(title=title)
-    width = max([len("configuration")] + [len(r.configuration) for r in rows])
+    width = max([len("configuration")] + [len(r.label) for r in rows])
     table.add_column("configuration", overflow="fold", min_width=min(width, 60))
     columns = table_columns(rows)
     for col_title, _, _ in columns:
@@ -231,7 +303,7 @@ def comparison_table(
     means = [(r.stat(best_key).mean, i) for i, r in enumerate(rows) if r.stat(best_key).mean is not None]
     best = (max(means) if maximize else min(means))[1] if means else None
     for i, r in enumerate(rows):
-        cells: list[Any] = [Text(r.configuration)]  # not markup: ids hold brackets (method.space=[kxk, 1x1])
+        cells: list[Any] = [Text(r.label)]  # not markup: ids hold brackets (method.space=[kxk, 1x1])
         for _, key, kind in columns:
             if kind == "stat":
                 cells.append(format_stat(r.stat(key)))

@@ -57,6 +57,11 @@ class DataSpec(_Spec):
     ``val_size`` images are held out of the training set, stratified, drawn with ``split_seed``
     (independent of the trial seed). ``train_subset`` / ``test_subset`` are stratified subsets (in
     images) for smoke runs. ``cutout`` is the side in pixels of the Cutout square (0 = off).
+    ``image_size``: side in pixels of the images the model sees (``folder`` datasets; default
+    ``None`` = 32, CIFAR's own size, the only one CIFAR allows). ``augment``: ``cifar`` (default:
+    4-pixel pad + random crop + flip at ``image_size``) or ``imagenet`` (``folder`` only, needs
+    ``image_size``: images held at ``round(image_size / 0.875)`` px, RandomResizedCrop + flip for
+    training, Resize + CenterCrop for val/test; see :mod:`repsearch.data`).
     """
 
     dataset: Literal["cifar10", "cifar100", "folder"] = "cifar10"
@@ -68,6 +73,20 @@ class DataSpec(_Spec):
     train_subset: Optional[PositiveInt] = None
     test_subset: Optional[PositiveInt] = None
     cutout: NonNegativeInt = 0
+    # -- data.image_size / data.augment (issue 14) --
+    image_size: Optional[PositiveInt] = None
+    augment: Literal["cifar", "imagenet"] = "cifar"
+
+    @model_validator(mode="after")
+    def _size_and_augment(self) -> "DataSpec":
+        if self.dataset != "folder" and self.image_size not in (None, 32):
+            raise ValueError(f"image_size {self.image_size} needs dataset folder; {self.dataset} images are 32 px (leave it unset or 32)")
+        if self.augment == "imagenet" and self.dataset != "folder":
+            raise ValueError(f"augment 'imagenet' needs dataset folder, not {self.dataset}; allowed for {self.dataset}: cifar")
+        if self.augment == "imagenet" and self.image_size is None:
+            raise ValueError("augment 'imagenet' needs image_size (e.g. 224)")
+        return self
+    # -- end data.image_size / data.augment --
 
 
 # ---------------------------------------------------------------------------------------- model

@@ -833,7 +833,9 @@ def _account(ctx: _Ctx) -> dict[str, Any]:
 def _rows(ctx: _Ctx) -> tuple[list[ReportRow], Optional[ParetoFront]]:
     trials = ctx.study.get_trials(deepcopy=False)
     metrics = [o.metric for o in ctx.objectives]
-    rows = rows_from_trials(trials, order=[pid for pid, _, _ in _configurations(ctx.recipe)], keys=metrics)
+    rows = rows_from_trials(
+        trials, order=[pid for pid, _, _ in _configurations(ctx.recipe)], keys=metrics, method=ctx.recipe.method.name
+    )  # labelled as `repsearch compare` labels them (report.config_label)
     pareto = None
     if len(metrics) > 1:
         pareto = pareto_front(ctx.study, metrics)

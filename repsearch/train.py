@@ -188,7 +188,8 @@ class Trainer:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._clip_params = [p for p in self.model.parameters() if p.requires_grad] if self.grad_clip else []
-        self.flops_m = count_macs(self.model) / 1e6
+        side = int(getattr(self.train_loader, "crop", 32))  # the batches' side (data.image_size)
+        self.flops_m = count_macs(self.model, (1, 3, side, side)) / 1e6
         self.params_m = count_params(self.model) / 1e6
         self.n_branches = count_branches(self.model)
 

@@ -193,6 +193,8 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method) -> T
         train_subset=d.train_subset,
         test_subset=d.test_subset,
         cutout=d.cutout,
+        image_size=d.image_size,
+        augment=d.augment,
         batch_size=recipe.train.batch_size,
         eval_batch_size=recipe.train.eval_batch_size,
         device=str(dev),
@@ -250,7 +252,7 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method) -> T
     final = dict(history[-1])
     final.update(check)
     final["test/top1"] = test_top1
-    final["deploy/flops_m"] = count_macs(plain) / 1e6
+    final["deploy/flops_m"] = count_macs(plain, (1, 3, data.image_size, data.image_size)) / 1e6
     final["deploy/params_m"] = count_params(plain) / 1e6
     final["trial_time_s"] = time.perf_counter() - t_start
     numbers, tags = trainer.final_measures()

@@ -360,3 +360,138 @@ def test_cutout_zeroes_one_clipped_square():
         assert torch.equal(x[k][:, square], torch.zeros_like(x[k][:, square]))
         torch.testing.assert_close(x[k][:, ~square], ref[k][:, ~square], rtol=0, atol=1e-5)
         assert 16 <= int(square.sum()) <= 64
+
+
+# --------------------------------------------------------------------------- ImageNet-style folders (issue 14)
+
+
+def _write_rect_folder(root: Path, classes=("a", "b", "c", "d"), per_class=(6, 2), seed=0) -> None:
+    """An ImageFolder (train/, val/) of lossless PNGs of assorted non-square sizes."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = int(rng.integers(20, 48)), int(rng.integers(20, 48))
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+
+def test_folder_imagenet_augment_sizes_and_centre_crop(tmp_path, cache):
+    root = tmp_path / "data"
+    _write_rect_folder(root)
+    assert D.stored_size(16, "imagenet") == 18 and D.stored_size(224, "imagenet") == 256
+    assert D.stored_size(None, "cifar") is None and D.stored_size(40, "cifar") == 40
+    bundle = build_data(root, dataset="folder", image_size=16, augment="imagenet", val_size=4, batch_size=4)
+    assert bundle.image_size == 16 and bundle.augment == "imagenet"
+    x, y = next(iter(bundle.train))
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.shape == (4,)
+    # evaluation = Resize(18) + CenterCrop(16): the centre of the stored 18x18 images, normalised
+    stored = load_arrays(root, "folder", image_size=18)
+    assert stored.test_x.shape == (8, 18, 18, 3)
+    xt, yt = next(bundle.test.batches())
+    centre = torch.as_tensor(stored.test_x[:4, 1:17, 1:17]).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(bundle.mean)[:, None, None], torch.tensor(bundle.std)[:, None, None]
+    torch.testing.assert_close(xt, (centre - mean) / std, atol=1e-5, rtol=0)
+    assert yt.tolist() == stored.test_y[:4].tolist()
+    # the default keeps today's behaviour: stored at the image size, CIFAR augmentation
+    plain = build_data(root, dataset="folder", image_size=16, val_size=4, batch_size=4)
+    assert plain.augment == "cifar" and next(iter(plain.train))[0].shape == (4, 3, 16, 16)
+    with pytest.raises(DataError, match="folder only"):
+        build_data(root, dataset="cifar10", image_size=32, augment="imagenet")
+    with pytest.raises(DataError, match="needs data.image_size"):
+        build_data(root, dataset="folder", augment="imagenet", val_size=4, batch_size=4)
+
+
+def test_resized_crop_resamples_the_box_bilinearly():
+    """A box larger than the output equals torch's bilinear resize of the cropped box (no
+    antialiasing); the flip mirrors it."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 20, 20, 3), dtype=torch.uint8, generator=g)
+    loader = DeviceLoader(images, torch.zeros(2), 2, mean=(0, 0, 0), std=(1, 1, 1), train=True, crop=12, resized_crop=True)
+    # rows: top, left, height, width, flip, cutout row, cutout col
+    draws = torch.tensor([[0, 0, 20, 20, 0, 0, 0], [2, 3, 16, 14, 1, 0, 0]])
+    out = loader._resized_crop(torch.tensor([0, 1]), draws).permute(0, 3, 1, 2)
+    src = images.permute(0, 3, 1, 2).float() / 255
+    ref0 = F.interpolate(src[0:1], size=(12, 12), mode="bilinear", align_corners=False)
+    ref1 = F.interpolate(src[1:2, :, 2:18, 3:17], size=(12, 12), mode="bilinear", align_corners=False).flip(-1)
+    torch.testing.assert_close(out[0:1], ref0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1:2], ref1, atol=1e-5, rtol=0)
+
+
+def test_resized_crop_boxes_follow_torchvision_rules():
+    boxes = D._resized_crop_boxes(4000, 50, 50, torch.Generator().manual_seed(1))
+    top, left, h, w = boxes.T
+    assert ((top >= 0) & (left >= 0) & (top + h <= 50) & (left + w <= 50) & (h > 0) & (w > 0)).all()
+    frac = (h * w).double() / 2500
+    assert frac.min() >= 0.06 and frac.max() <= 1.0  # scale (0.08, 1) up to rounding
+    ratio = w.double() / h.double()
+    assert ratio.min() >= 0.7 and ratio.max() <= 1.45  # ratio (3/4, 4/3) up to rounding
+    assert frac.std() > 0.1 and len(set(top.tolist())) > 20  # spread, not a fixed crop
+    again = D._resized_crop_boxes(4000, 50, 50, torch.Generator().manual_seed(1))
+    assert torch.equal(boxes, again)
+    # a 10x100 strip: most draws do not fit; after 10 tries the box is the centred 10x13 one
+    strip = D._resized_crop_boxes(500, 10, 100, torch.Generator().manual_seed(2))
+    centred = (strip == torch.tensor([0, 43, 10, 13])).all(dim=1)
+    assert centred.sum() > 250  # few draws fit a strip: most images fall back to the centred box
+    assert ((strip[:, 2] <= 10) & (strip[:, 1] + strip[:, 3] <= 100)).all()
+
+
+def test_resized_crop_loader_is_deterministic_per_epoch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 20, 20, 3), dtype=torch.uint8, generator=g)
+    make = lambda: DeviceLoader(images, torch.arange(16), 8, mean=MEAN, std=STD, train=True, crop=12,
+                                resized_crop=True, cutout=4, seed=3)
+    a, b = make(), make()
+    ea = [x for x, _ in a.batches(0)]
+    assert all(torch.equal(x, y) for x, (y, _) in zip(ea, b.batches(0)))
+    assert not torch.equal(ea[0], next(a.batches(1))[0])
+    assert ea[0].shape == (8, 3, 12, 12)
+    with pytest.raises(ValueError, match="crop"):
+        DeviceLoader(images, torch.arange(16), 8, mean=MEAN, std=STD, crop=30)
+
+
+def test_data_spec_image_size_and_augment():
+    from repsearch.spec import Recipe, hashed_recipe
+
+    assert "data" not in hashed_recipe(Recipe()) or "image_size" not in hashed_recipe(Recipe())["data"]
+    ok = Recipe.model_validate({"data": {"dataset": "folder", "image_size": 224, "augment": "imagenet"}})
+    assert ok.data.image_size == 224 and hashed_recipe(ok)["data"]["augment"] == "imagenet"
+    for bad, words in [
+        ({"dataset": "cifar10", "image_size": 64}, "needs dataset folder"),
+        ({"dataset": "cifar100", "augment": "imagenet"}, "needs dataset folder"),
+        ({"dataset": "folder", "augment": "imagenet"}, "needs image_size"),
+    ]:
+        with pytest.raises(Exception, match=words):
+            Recipe.model_validate({"data": bad})
+
+
+def test_imagenet_recipe_smoke_profile_trains_on_a_tiny_folder(tmp_path, cache):
+    """recipes/imagenet_resnet.yaml's smoke profile on an ImageFolder this test writes: the recipe's
+    data section builds 64 px batches, its ResNet-18 (ImageNet stem) trains one epoch, and flops_m
+    is counted at the batches' size."""
+    from repsearch.measures import count_macs
+    from repsearch.methods import build_method
+    from repsearch.models import build_model, model_kwargs
+    from repsearch.spec import load_recipe, trial_recipe
+    from repsearch.train import Trainer
+
+    rec, _ = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "imagenet_resnet.yaml", "smoke")
+    r = trial_recipe(rec, {"method.name": "origin", "model.name": "resnet18"}, 0)
+    d = r.data
+    assert (d.dataset, d.augment, d.image_size) == ("folder", "imagenet", 64)
+    root = tmp_path / "tiny"
+    _write_rect_folder(root, classes=("a", "b"), per_class=(20, 4))
+    data = build_data(root, dataset=d.dataset, image_size=d.image_size, augment=d.augment, val_size=8,
+                      batch_size=r.train.batch_size, eval_batch_size=r.train.eval_batch_size, seed=0)
+    assert next(iter(data.train))[0].shape == (r.train.batch_size, 3, 64, 64)
+    kwargs = model_kwargs(r.model.name, data.num_classes, r.model.width, **r.model.options)
+    assert kwargs["stem"] == "imagenet"
+    model = build_model(r.model.name, **kwargs)
+    method = build_method(r, "cpu")
+    trainer = Trainer(method.prepare(model, data.train), method, data.train, data.val, r.train, torch.device("cpu"))
+    history = trainer.fit(stop_after=1)
+    assert np.isfinite(history[0]["train/loss"]) and 0.0 <= history[0]["val/top1"] <= 100.0
+    assert history[0]["flops_m"] == pytest.approx(count_macs(model, (1, 3, 64, 64)) / 1e6)

@@ -291,3 +291,46 @@ def test_state_round_trips_through_a_weights_only_checkpoint_after_rep(tiny_data
     assert torch.equal(torch.rand(4, generator=again.generator), torch.rand(4, generator=method.generator))
     with pytest.raises(ValueError, match="prepare"):
         DyRep(spec).load_state_dict(torch.load(path, weights_only=True))
+
+
+def test_dep_switch_off_is_rep_only(tiny_data):
+    """``dep: false`` (DyRep Table 6 "w/o Dep"): the adjustment still grows one op (Rep) but no block
+    loses a branch, where the same model and scores with ``dep: true`` cut the unimportant ones."""
+    import copy
+
+    base = grown(seed=3)
+    set_importance(get_module(base, "features.3"),
+                   {"1x1": 0.01, "1x1-kxk": 0.01, "1x1-avg": 0.01, "1xk": 0.01, "kx1": 0.3, "identity": 0.3})
+    kinds_before = {p: sorted(b.kinds) for p, b in repblocks(base).items()}
+    cut = {}
+    for dep in (True, False):
+        model = copy.deepcopy(base)
+        spec = DyRepSpec(scoring="random", interval=1, grow_until=2, recal_batches=1, dep=dep)
+        method = DyRep(spec, seed=0)
+        model = method.prepare(model, tiny_data.train)
+        assert method.on_epoch_end(model, 1, tiny_data.train).structure_changed
+        kinds_after = {p: sorted(b.kinds) for p, b in repblocks(model).items()}
+        assert method.n_rep == 1 and len(kinds_after) >= len(kinds_before)
+        cut[dep] = method.n_cut
+        kinds = [e["kind"] for e in method.events]
+        if dep:
+            assert "dep_scan" in kinds and method.n_dep >= 1
+            assert set(get_module(model, "features.3").kinds) == {"kxk", "kx1", "identity"}
+        else:
+            assert kinds == ["rep"] and method.final_measures() == {"n_rep": 1, "n_dep": 0, "n_branches_cut": 0}
+            assert all(kinds_after[p] == k for p, k in kinds_before.items())  # every old block kept whole
+    assert cut[True] >= 4 and cut[False] == 0  # the four branches set at 0.01, at least
+
+
+def test_dep_switch_keeps_existing_study_names_and_drops_unused_fields_from_the_hash():
+    """The study hash drops fields equal to their defaults: adding ``dep`` (default true) renames no
+    study; with ``dep: false`` Dep's λ and floor are unused and leave the hash."""
+    from repsearch.spec import hashed_recipe, recipe_hash, validate_dict
+
+    plain = validate_dict({"method": {"name": "dyrep", "dep_threshold": 0.0005}}, "x")
+    explicit = validate_dict({"method": {"name": "dyrep", "dep_threshold": 0.0005, "dep": True}}, "x")
+    assert "dep" not in hashed_recipe(plain)["method"] and recipe_hash(plain) == recipe_hash(explicit)
+    off = [validate_dict({"method": {"name": "dyrep", "dep": False, "dep_threshold": t, "dep_floor": f}}, "x")
+           for t, f in ((0.02, 0.1), (0.0005, 0.3))]
+    assert hashed_recipe(off[0])["method"] == {"name": "dyrep", "dep": False}
+    assert recipe_hash(off[0]) == recipe_hash(off[1]) != recipe_hash(plain)

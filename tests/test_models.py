@@ -96,3 +96,110 @@ def test_registry_errors_and_rebuild_from_artifact():
     model.eval(), rebuilt.eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), rebuilt(x))
+
+
+# --------------------------------------------------------------------------- MobileNet v1, ImageNet stems
+
+
+def _mobilenet_params_by_formula(width: float, num_classes: int) -> int:
+    """Howard et al. Table 1: conv3x3 stem, 13 x (dw3x3 + pw1x1), each conv + BN (γ, β), one linear."""
+    from repsearch.models.mobilenet import MOBILENET_V1_CFG
+
+    c = max(1, round(32 * width))
+    total = 3 * c * 9 + 2 * c
+    for planes, _ in MOBILENET_V1_CFG:
+        out = max(1, round(planes * width))
+        total += c * 9 + 2 * c + c * out + 2 * out
+        c = out
+    return total + c * num_classes + num_classes
+
+
+@pytest.mark.parametrize("width", [1.0, 0.25])
+def test_mobilenet_v1_cifar_structure_and_size(width):
+    from repsearch.rep import conv_bn_pairs
+
+    model = build_model("mobilenet_v1", num_classes=10, width=width)
+    assert count_params(model) == _mobilenet_params_by_formula(width, 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 27 and all(c.bias is None for c in convs)
+    assert convs[0].stride == (1, 1)  # the CIFAR stem
+    depthwise = [c for c in convs if c.groups > 1]
+    assert len(depthwise) == 13
+    assert all(c.groups == c.in_channels == c.out_channels and c.kernel_size == (3, 3) for c in depthwise)
+    assert sum(c.stride == (2, 2) for c in depthwise) == 4
+    assert len(conv_bn_pairs(model)) == 27  # every conv paired with its BN by the surgery
+    model.eval()
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_mobilenet_v1_imagenet_matches_the_paper():
+    """Howard et al. 2017 Table 8: MobileNet-224 1.0 has 4.2 M parameters and 569 M Mult-Adds."""
+    model = build_model("mobilenet_v1", num_classes=1000, stem_stride=2)
+    assert round(count_params(model) / 1e6, 1) == 4.2
+    assert round(count_macs(model, (1, 3, 224, 224)) / 1e6) == 569
+
+
+def test_mobilenet_v1_options_are_checked():
+    from repsearch.models import check_model_options, model_kwargs
+
+    assert model_kwargs("mobilenet_v1", 10) == {"num_classes": 10, "width": 1.0, "stem_stride": 1}
+    with pytest.raises(ValueError, match="stem_stride"):
+        check_model_options("mobilenet_v1", {"stem_stride": 3})
+    with pytest.raises(ValueError, match="stem_stride"):
+        build_model("mobilenet_v1", stem_stride=4)
+
+
+def test_mobilenet_v1_dbb_expansion_deploys_exactly():
+    """static with the DBB space expands the depthwise (grouped) and pointwise convs; deploy fuses
+    back to the plain MobileNet, loadable strictly, equal within DESIGN.md's tolerance (random BNs)."""
+    from equivalence import assert_close, randomize_bns
+    from repsearch.methods.static import Static, StaticSpec
+    from repsearch.rep import RepBlock
+
+    for seed, (stem_stride, side) in enumerate([(1, 16), (2, 24)]):
+        torch.manual_seed(seed)
+        plain = build_model("mobilenet_v1", num_classes=10, width=0.125, stem_stride=stem_stride)
+        method = Static(StaticSpec(space="dbb"))
+        model = method.prepare(plain, [])
+        blocks = [m for m in model.modules() if isinstance(m, RepBlock)]
+        grouped = [b for b in blocks if b.groups > 1]
+        assert len(grouped) == 13 and {b.stride for b in grouped} == {1, 2}
+        assert all(len(b.branches) > 1 for b in grouped)  # depthwise convs got DBB branches
+        g = torch.Generator().manual_seed(seed)
+        randomize_bns(model, g)
+        model.eval()
+        x = torch.randn(3, 3, side, side, generator=g)
+        fresh = build_model("mobilenet_v1", num_classes=10, width=0.125, stem_stride=stem_stride)
+        fresh.load_state_dict(method.deploy(model).state_dict(), strict=True)
+        fresh.eval()
+        with torch.no_grad():
+            assert_close(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_resnet_imagenet_stem_is_torchvision(name):
+    import torchvision
+
+    torch.manual_seed(0)
+    ours = build_model(name, num_classes=10, stem="imagenet")
+    ref = getattr(torchvision.models, name)(num_classes=10)
+    ref.load_state_dict(ours.state_dict(), strict=True)  # same names and shapes
+    assert count_params(ours) == count_params(ref)
+    ours.eval(), ref.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+    cifar = build_model(name, num_classes=10)
+    assert cifar.conv1.kernel_size == (3, 3) and isinstance(cifar.maxpool, nn.Identity)
+    assert cifar(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_resnet18_imagenet_size_matches_dyrep_table3():
+    """DyRep Table 3, ResNet-18 origin: 1.81 G FLOPs (MACs), 11.7 M params at 224x224, 1000 classes."""
+    model = build_model("resnet18", num_classes=1000, stem="imagenet")
+    assert round(count_params(model) / 1e6, 1) == 11.7
+    assert round(count_macs(model, (1, 3, 224, 224)) / 1e9, 2) == 1.81
+    from repsearch.models import check_model_options
+
+    with pytest.raises(ValueError, match="stem"):
+        check_model_options("resnet18", {"stem": "tiny"})

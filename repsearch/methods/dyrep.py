@@ -17,7 +17,7 @@ schedule contract):
    unbiased std of {s_j} exceeds ``dep_threshold`` (λ), every branch with ``s_j < mean`` and
    ``s_j < dep_floor`` is cut after folding its fused kernel into the kxk branch (Eq. 10,
    ``F_ori <- F_ori + F_j``), which leaves the eval-mode output unchanged. A block left with its kxk
-   branch alone becomes a plain conv again.
+   branch alone becomes a plain conv again. ``dep: false`` skips this step (DyRep Table 6, "w/o Dep").
 
 Saliency scores (:mod:`repsearch.scoring`) accumulate on the device after every backward, with no
 host sync per step; GraSP (and vote with grasp among its voters) probe ``probe_batches`` training batches at adjustment
@@ -61,7 +61,10 @@ class DyRepSpec(MethodSpecModel):
     ‖g‖² on conv-BN nets and would count the gradient norm twice; ties go to synflow's ranking).
     ``gamma_init`` is the new branches' last-BN γ (paper 0.01, Fig. 4); ``dep_threshold`` is λ of
     Eq. 10 (0.02); ``dep_floor`` the official code's importance floor (0.1); ``max_depth`` caps Rep's
-    recursion (2: the model's convs and the convs inside one block).
+    recursion (2: the model's convs and the convs inside one block). ``dep`` switches Dep (§4.2) on
+    (default) or off: ``false`` is DyRep Table 6's "w/o Dep" (Rep only: every grown block keeps all its
+    branches until deploy; ``dep_threshold`` and ``dep_floor`` are then unused and left out of the
+    study hash).
     """
 
     name: Literal["dyrep"] = "dyrep"
@@ -76,6 +79,7 @@ class DyRepSpec(MethodSpecModel):
     grow_until: PositiveInt = 500
     max_depth: PositiveInt = 2
     probe_batches: PositiveInt = 4
+    dep: bool = True
 
     _space = field_validator("space")(classmethod(lambda cls, v: check_space(v)))
     _scoring = field_validator("scoring")(classmethod(lambda cls, v: check_saliency_metric(v)))
@@ -89,8 +93,12 @@ class DyRepSpec(MethodSpecModel):
         return sorted(scoring.check_voters(v), key=order.index)
 
     def hash_ignored(self) -> set[str]:
-        """``voters`` matter only when ``scoring`` is ``vote``."""
-        return set() if self.scoring == "vote" else {"voters"}
+        """``voters`` matter only when ``scoring`` is ``vote``; ``dep_threshold`` and ``dep_floor``
+        only when ``dep`` is on."""
+        ignored = set() if self.scoring == "vote" else {"voters"}
+        if not self.dep:
+            ignored |= {"dep_threshold", "dep_floor"}
+        return ignored
 
     def check_recipe(self, recipe) -> None:
         """Cross-section check (called by the Recipe's validation).
@@ -188,11 +196,13 @@ class DyRep(Method):
     def on_epoch_end(self, model: nn.Module, epoch: int, loader: Iterable, measures: dict | None = None) -> EpochChanges:
         """Adjust (Rep, then Dep) at the end of ``epoch`` when the schedule says so. The optimizer's
         groups are then updated in place and surviving parameters keep their momentum, as the
-        official code does (``reset_optimizer="none"``)."""
+        official code does (``reset_optimizer="none"``). With ``dep: false`` (Table 6 "w/o Dep") only
+        Rep runs: no ``dep``/``dep_scan`` events, ``n_dep`` and ``n_branches_cut`` stay 0."""
         if not self.adjusts_at(epoch):
             return EpochChanges()
         grown = self.rep(model, epoch, loader)
-        self.dep(model, epoch, exempt={grown} if grown else set())
+        if self.spec.dep:
+            self.dep(model, epoch, exempt={grown} if grown else set())
         if epoch >= self.last_adjustment:
             self.accumulator = None  # no adjustment left: stop scoring (DESIGN.md: none after grow_until)
         else:

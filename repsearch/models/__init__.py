@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from repsearch.models.mobilenet import MobileNetV1, mobilenet_v1
 from repsearch.models.repvgg import REPVGG_MODELS, BlockInfo, ConvBNReLU, RepVGG, repan_repvgg, repvgg
 from repsearch.models.resnet import CifarResNet, resnet18, resnet34, resnet50
 from repsearch.models.vgg import VGG, scale_width, vgg16
@@ -24,6 +25,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
+    "mobilenet_v1": mobilenet_v1,
     **REPVGG_MODELS,  # repvgg_a0 .. repvgg_l2, repan_repvgg_a0 .. repan_repvgg_b3
 }
 
@@ -121,4 +123,4 @@ def model_kwargs(name: str, num_classes: int, width: float = 1.0, **options: Any
     return dict(bound.arguments)
 
 
-__all__ = ["MODELS", "VGG", "BlockInfo", "CifarResNet", "ConvBNReLU", "RepVGG", "repan_repvgg", "repvgg", "build_model", "check_model_options", "model_kwargs", "model_names", "scale_width", "vgg16", "resnet18", "resnet34", "resnet50"]
+__all__ = ["MODELS", "VGG", "MobileNetV1", "mobilenet_v1", "BlockInfo", "CifarResNet", "ConvBNReLU", "RepVGG", "repan_repvgg", "repvgg", "build_model", "check_model_options", "model_kwargs", "model_names", "scale_width", "vgg16", "resnet18", "resnet34", "resnet50"]
