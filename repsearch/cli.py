@@ -172,6 +172,12 @@ def validate(recipe, profile, sets):
     else:
         console.print(f"study: {study_name(recipe, profile, rec)}")
     console.print(f"trials: {est['n_trials']} ({est['n_configurations']} configurations x {est['n_seeds']} seeds)")
+    if est["n_train"] == 0:  # a folder dataset without train_subset: its size is known once read
+        console.print(
+            f"cost estimate: {rec.train.epochs} epochs x the folder's training images per trial "
+            "(set data.train_subset for a figure; the folder is read by `repsearch run`)"
+        )
+        return
     console.print(
         f"cost estimate: {est['train_images']:,} training images ({est['train_images_per_trial']:,} per trial: "
         f"{rec.train.epochs} epochs x {est['n_train']:,} images), {est['eval_images']:,} evaluation images"

@@ -131,3 +131,14 @@ def test_real_process_exit_status_and_stderr(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"repsearch: error: {path}: method.scoring: 'sinflow' is not one of random, grad_norm, snip, grasp, synflow, vote"
     ]
+
+
+def test_validate_names_the_cost_of_a_folder_dataset_honestly():
+    root = Path(__file__).resolve().parents[1] / "recipes" / "imagenet_resnet.yaml"
+    result = invoke(["validate", str(root)])
+    assert result.exit_code == 0
+    out = " ".join(result.output.split())
+    assert "0 training images" not in out and "epochs x the folder's training images per trial" in out
+    result = invoke(["validate", str(root), "--set", "data.train_subset=1000"])
+    assert result.exit_code == 0
+    assert "(120,000 per trial: 120 epochs x 1,000 images)" in " ".join(result.output.split())
