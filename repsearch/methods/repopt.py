@@ -311,8 +311,8 @@ class RepOpt(Method):
 
     def grad_mults(self, model: nn.Module, power: int) -> dict[nn.Parameter, torch.Tensor]:
         """``{conv.weight: multiplier (C_out, C_in, K, K)}`` for every unit conv of the target model
-        (RepOpt §3.2, Appendix A), on the weight's device, dtype and memory format; ``power`` 2 (SGD)
-        or 1 (AdamW, on |s| and |t|).
+        (RepOpt §3.2, Appendix A), on the CPU in float32 (the optimizer places each on its weight's
+        device, dtype and memory format); ``power`` 2 (SGD) or 1 (AdamW, on |s| and |t|).
 
         Raises:
             ValueError: ``power`` not 1 or 2 (from :func:`repsearch.gradmult.grad_mult`).
@@ -323,11 +323,9 @@ class RepOpt(Method):
         for b in self._blocks:
             conv = get_module(model, f"{b.path}.conv")
             s, t, ident = self.constants[b.path]
-            w = conv.weight
-            m = grad_mult(s, t, identity=ident is not None, in_channels=conv.in_channels,
-                          kernel_size=conv.kernel_size[0], power=power)
-            fmt = torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() else torch.contiguous_format
-            out[w] = m.to(device=w.device, dtype=w.dtype).contiguous(memory_format=fmt)
+            # placed on the weight's device, dtype and strides by the optimizer (gradmult._GradMults)
+            out[conv.weight] = grad_mult(s, t, identity=ident is not None, in_channels=conv.in_channels,
+                                         kernel_size=conv.kernel_size[0], power=power)
         return out
 
     def optimizer(self, model: nn.Module, train_spec) -> torch.optim.Optimizer:
