@@ -1,4 +1,4 @@
-"""The ``repsearch`` command line (click): ``run``, ``validate``, ``compare``, ``quantize``, ``spaces``, ``ui``.
+"""The ``repsearch`` command line (click): ``run``, ``worker``, ``validate``, ``compare``, ``quantize``, ``spaces``, ``ui``.
 
 User mistakes (:class:`repsearch.errors.UserError`) print one line ``repsearch: error: ...`` on stderr
 and exit with status 2, no traceback; anything else is a bug and keeps its traceback (exit 1).
@@ -103,10 +103,13 @@ def main(verbose: int) -> None:
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--no-deps", is_flag=True, help="Refuse (one line, exit 2) instead of running an incomplete study this recipe depends on (e.g. RepOpt's Hyper-Search).")
+@click.option("--workers", "-w", type=int, default=None, help="Worker processes running trials in parallel (> sweep.workers; default 1: in this process).")
+@click.option("--devices", default=None, metavar="0,1,...", help="CUDA devices for the workers, round-robin (default: every visible GPU).")
 @user_errors
-def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, device, no_progress, no_deps):
+def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, device, no_progress, no_deps, workers, devices):
     """Run RECIPE: every sweep point (or the single configuration) not yet complete, then print the
-    comparison table."""
+    comparison table. With --workers N, N processes pop the study's trials in parallel (one per GPU
+    on CUDA; on CPU the cores are shared out)."""
     from rich.console import Console
 
     from repsearch.data import find_layout, resolve_data_root
@@ -130,7 +133,8 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
         device=device, data_root=str(root), console=console, progress=not no_progress,
     )
     summary = run_study(
-        rec, recipe, profile, stores, device=device, data_root=str(root), console=console, progress=not no_progress
+        rec, recipe, profile, stores, device=device, data_root=str(root), console=console, progress=not no_progress,
+        workers=workers, devices=_device_list(devices),
     )
     if summary.rows:
         console.print(comparison_table(summary.rows, title=summary.study_name))
@@ -145,6 +149,54 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
         for point, seed, err in summary.failures:
             click.echo(f"repsearch: trial failed: {point} seed {seed}: {err}", err=True)
         sys.exit(1)
+
+
+def _device_list(devices: Optional[str]) -> Optional[list[str]]:
+    if devices is None:
+        return None
+    out = [d.strip() for d in devices.split(",") if d.strip()]
+    if not out or not all(d.isdigit() for d in out):
+        raise UserError(f"--devices: '{devices}': give CUDA device numbers separated by commas, e.g. 0,1")
+    return out
+
+
+@main.command()
+@click.argument("study_name")
+@click.option("--storage", required=True, help="The study's Optuna storage URL (postgresql://... across hosts).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--data-root", default=None, help="Data root on this machine (> REPSEARCH_DATA > recipe data.root).")
+@click.option("--runs-dir", default=None, help="Scratch folder for this worker's trials (default ./runs).")
+@click.option("--tracking-uri", default=None, help="Override the study's recorded MLflow tracking URI.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's own).")
+@click.option("--max-trials", type=int, default=None, help="Stop after this many trials.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@user_errors
+def worker(study_name, storage, device, data_root, runs_dir, tracking_uri, threads, max_trials, no_progress):
+    """Join study STUDY_NAME from any machine: pop its WAITING trials and run them until none is left
+    and none runs elsewhere. The study (made by `repsearch run`) carries the recipe, the MLflow
+    tracking URI and experiment, and the git commit; only --storage is needed."""
+    from rich.console import Console
+
+    from repsearch.data import resolve_data_root
+    from repsearch.sweep import work
+    from repsearch.sweep.worker import study_stores
+
+    device = _check_device(device or _default_device())
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    import yaml
+
+    from repsearch.spec import Recipe
+
+    stores, attrs = study_stores(study_name, storage, runs_dir=runs_dir, tracking_uri=tracking_uri)
+    recipe_root = Recipe.model_validate(yaml.safe_load(attrs["recipe_yaml"])).data.root
+    root = resolve_data_root(data_root, recipe_root)
+    console = Console(width=None if sys.stdout.isatty() else 240)
+    n = work(study_name, stores, device=device, data_root=str(root), console=console, progress=not no_progress,
+             max_trials=max_trials)
+    console.print(f"worker done: {n} trial{'s' if n != 1 else ''} run here", markup=False, highlight=False)
 
 
 @main.command()

@@ -292,6 +292,24 @@ def _one_line(text: str, limit: int = 500) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def _creation_lock(tracking_uri: str):
+    """A lock file next to an SQLite MLflow store (``<mlflow.db>.lock``), held while the store and the
+    experiment are created or opened: two processes that both create a fresh database collide on
+    ``alembic_version`` (INSTALL.md). Other stores need none (a server serialises creation)."""
+    import contextlib
+
+    if not tracking_uri.lower().startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    db = tracking_uri.split("://", 1)[1][1:].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    path = Path(db).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=600)
+
+
 # ------------------------------------------------------------------------------------ tracker
 class Tracker:
     """MLflow client bound to one experiment: parent run per study, child run per trial.
@@ -307,8 +325,9 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.stores = stores
-        self.client = MlflowClient(tracking_uri=stores.tracking_uri)
-        self.experiment_id = self._ensure_experiment(stores.experiment, stores.artifact_location)
+        with _creation_lock(stores.tracking_uri):  # two processes creating one fresh mlflow.db collide
+            self.client = MlflowClient(tracking_uri=stores.tracking_uri)
+            self.experiment_id = self._ensure_experiment(stores.experiment, stores.artifact_location)
         self._static_tags: Optional[dict[str, str]] = None
 
     # -- experiment ----------------------------------------------------------------------------

@@ -489,17 +489,17 @@ def test_single_recipe_on_journal_storage_and_workers(cwd):
     trials = _study(recipe, stores).get_trials()
     assert [(t.user_attrs["point"], t.user_attrs["seed"], t.state) for t in trials] == [("default", 7, TrialState.COMPLETE)]
     assert (cwd / "study.journal").is_file()
-    with pytest.raises(SweepError, match="not implemented"):
-        _run(grid_recipe(workers=2), fake)
+    with pytest.raises(SweepError, match="--workers: 0"):
+        _run(grid_recipe(), fake, workers=0)
     with pytest.raises(SweepError, match="sqlite:///"):
         resolve = resolve_stores(recipe, RECIPE_PATH, storage=str(cwd / "runs" / "mlflow.db"))
         _run(recipe, fake, stores=resolve)
 
 
 def test_expired_heartbeat_is_failed_and_its_point_rerun(cwd, monkeypatch):
-    import repsearch.sweep as sweep_mod
+    import repsearch.sweep.storage as storage_mod
 
-    monkeypatch.setattr(sweep_mod, "GRACE_PERIOD_S", 1)
+    monkeypatch.setattr(storage_mod, "GRACE_PERIOD_S", 1)
     recipe = grid_recipe(seeds=[0])
     summary, stores, _ = _run(recipe, FakeTrial())
     assert summary.n_complete == 4
