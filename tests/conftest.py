@@ -42,3 +42,29 @@ def tiny_data(data_root: Path):
     from repsearch.data import build_data
 
     return build_data(data_root, dataset="cifar10", train_subset=200, val_size=100, test_subset=100, batch_size=32)
+
+
+#: The recipe of ``real_sweep``: 4 trials (1 grid point + 1 baseline, 2 seeds), study ``tiny_cmp-…``.
+TINY_SWEEP = {
+    "data": {"dataset": "cifar10", "train_subset": 64, "val_size": 32, "test_subset": 32},
+    "model": {"name": "vgg16", "width": 0.0625},
+    "method": {"name": "dyrep", "space": "dbb", "interval": 1, "grow_until": 1, "recal_batches": 1, "probe_batches": 1},
+    "train": {"epochs": 1, "batch_size": 32, "eval_batch_size": 64, "lr": 0.05, "warmup_epochs": 0},
+    "sweep": {"params": {"method.scoring": {"choices": ["synflow"]}}, "baselines": [{"method.name": "origin"}],
+              "seeds": [0, 1], "sampler": "grid"},
+}
+
+
+@pytest.fixture(scope="module")
+def real_sweep(tmp_path_factory, data_root):
+    """A real tiny sweep (:data:`TINY_SWEEP`) with all 4 trials complete: ``(stores, summary)``."""
+    from repsearch.spec import Recipe
+    from repsearch.sweep import run_study
+    from repsearch.tracking import resolve_stores
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    recipe = Recipe.model_validate(TINY_SWEEP)
+    stores = resolve_stores(recipe, "tiny_cmp.yaml", runs_dir=tmp / "runs")
+    summary = run_study(recipe, "tiny_cmp.yaml", None, stores, device="cpu", data_root=str(data_root), progress=False)
+    assert summary.n_complete == 4, summary.failures
+    return stores, summary

@@ -26,7 +26,6 @@ from mlflow.tracking import MlflowClient
 from repsearch.cli import main
 from repsearch.compare import compare, compare_url, latest_study_url, t_interval
 from repsearch.report import config_label, rows_from_trials
-from repsearch.spec import Recipe
 from repsearch.tracking import Stores, Tracker
 
 #: t_{0.975, df} (tables of the Student-t distribution): df 1 and 2.
@@ -272,27 +271,7 @@ def test_ui_prints_the_compare_url_before_starting(store, monkeypatch):
 
 
 # ------------------------------------------------------------- a real tiny sweep, end to end
-TINY = {
-    "data": {"dataset": "cifar10", "train_subset": 64, "val_size": 32, "test_subset": 32},
-    "model": {"name": "vgg16", "width": 0.0625},
-    "method": {"name": "dyrep", "space": "dbb", "interval": 1, "grow_until": 1, "recal_batches": 1, "probe_batches": 1},
-    "train": {"epochs": 1, "batch_size": 32, "eval_batch_size": 64, "lr": 0.05, "warmup_epochs": 0},
-    "sweep": {"params": {"method.scoring": {"choices": ["synflow"]}}, "baselines": [{"method.name": "origin"}],
-              "seeds": [0, 1], "sampler": "grid"},
-}
-
-
-@pytest.fixture(scope="module")
-def real_sweep(tmp_path_factory, data_root):
-    from repsearch.sweep import run_study
-    from repsearch.tracking import resolve_stores
-
-    tmp = tmp_path_factory.mktemp("sweep")
-    recipe = Recipe.model_validate(TINY)
-    stores = resolve_stores(recipe, "tiny_cmp.yaml", runs_dir=tmp / "runs")
-    summary = run_study(recipe, "tiny_cmp.yaml", None, stores, device="cpu", data_root=str(data_root), progress=False)
-    assert summary.n_complete == 4, summary.failures
-    return stores, summary
+# (the ``real_sweep`` fixture lives in conftest.py: tests/test_browser.py opens the same store)
 
 
 def test_real_sweep_compare_agrees_with_the_run_table(real_sweep):

@@ -27,9 +27,37 @@ from repsearch.sweep.queue import _Ctx, _pop_waiting
 from repsearch.sweep.study import prepare_study
 from repsearch.sweep.worker import check_worker_host
 from repsearch.tracking import ROLE_TAG, Stores, resolve_stores
+from pgserver import PostgresServer, find_bin
 
 RECIPE_PATH = "race.yaml"
 FORK = mp.get_context("fork")
+KINDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """A PostgreSQL server for the session (tests/pgserver.py); skipped only without the binaries
+    or the driver, and never when ``CI`` is set (``.ci/run`` installs Debian's postgresql)."""
+    reason = None
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        reason = "psycopg2 is missing (pip install -e '.[postgres]' -c constraints.txt)"
+    bindir = find_bin()
+    if bindir is None:
+        reason = "no PostgreSQL server binaries (apt-get install postgresql)"
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but the PostgreSQL tests cannot run: {reason}")
+        pytest.skip(reason)
+    server = PostgresServer(bindir).start()
+    yield server
+    server.stop()
+
+
+def storage_url(kind: str, request) -> str | None:
+    """None (the runs folder's SQLite default) or a fresh PostgreSQL database's URL."""
+    return request.getfixturevalue("pg").new_database() if kind == "postgresql" else None
 
 
 @dataclass
@@ -130,20 +158,21 @@ def _assert_each_slot_complete_once(stores: Stores, name: str, root: Path, n_slo
     assert len(ran) == n_slots and len({k for _, k in ran}) == n_slots, ran  # no trial ran twice (no double pop)
 
 
-def _parent_runs(stores: Stores):
+def _parent_runs(stores: Stores, study: str | None = None):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=stores.tracking_uri)
     exp = client.get_experiment_by_name(stores.experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    runs = [r for r in client.search_runs([exp.experiment_id], max_results=1000) if study is None or r.data.tags.get("study_name") == study]
     return [r for r in runs if r.data.tags.get(ROLE_TAG) == "study"], [r for r in runs if r.data.tags.get(ROLE_TAG) != "study"]
 
 
 # ----------------------------------------------------------------------------------------- SQLite
-def test_sqlite_pop_is_atomic_under_four_racing_processes(tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_pop_is_atomic_under_four_racing_processes(tmp_path, kind, request):
     """200 WAITING trials, 4 processes popping at once through the storage repsearch opens: every
-    trial is popped exactly once (Optuna's own SQLite path double-popped 23 of 200 here)."""
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    trial is popped exactly once (Optuna's own SQLite path double-popped 14-23 of 200 here)."""
+    url = storage_url(kind, request) or f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="pop", storage=open_storage(url))
     for i in range(200):
         study.enqueue_trial({}, user_attrs={"i": i})
@@ -169,33 +198,36 @@ def test_sqlite_pop_is_atomic_under_four_racing_processes(tmp_path):
     assert sum(1 for f in out.iterdir() if json.loads(f.read_text())) >= 2  # the processes really raced
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n_workers", [2, 4])
-def test_workers_finish_a_grid_each_point_once_over_repeated_racy_starts(tmp_path, n_workers):
+def test_workers_finish_a_grid_each_point_once_over_repeated_racy_starts(tmp_path, n_workers, kind, request):
     """A 7-point grid, 2 or 4 worker processes released at once, 10 repetitions each (20 racy starts
-    in all): every point COMPLETE exactly once, no trial run twice, one FINISHED MLflow run each."""
+    per storage): every point COMPLETE exactly once, no trial run twice, one FINISHED MLflow run each."""
     recipe = grid()
+    stores = _stores(tmp_path, recipe, storage_url(kind, request))  # one store, a new study per repetition
     for rep in range(10):
         folder = tmp_path / f"rep{rep}"
         folder.mkdir()
-        stores = _stores(folder, recipe)
+        recipe = recipe.model_copy(update={"seed": 1000 + rep})  # the seed is part of the study's name
         ctx, acc, to_run = prepare_study(recipe, RECIPE_PATH, None, stores, device="cpu", data_root=str(folder),
                                          trial_fn=quick_trial, progress=False)
         assert to_run == 7 and acc["waiting"] == 7
         procs = _start(_work_child, [(ctx.name, stores, str(folder))] * n_workers)
         assert [p.exitcode for p in procs] == [0] * n_workers, (folder / "errors.log").read_text() if (folder / "errors.log").exists() else ""
         _assert_each_slot_complete_once(stores, ctx.name, folder, 7)
-        parents, children = _parent_runs(stores)
+        parents, children = _parent_runs(stores, ctx.name)
         assert len(parents) == 1 and sorted(r.info.status for r in children) == ["FINISHED"] * 7
 
 
-def test_two_parents_started_together_make_one_parent_run_and_one_trial_per_point(tmp_path):
-    """Two `repsearch run` of one recipe started together in a fresh folder (store creation, enqueue
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_parents_started_together_make_one_parent_run_and_one_trial_per_point(tmp_path, kind, request):
+    """Two `repsearch run` of one recipe started together on fresh stores (store creation, enqueue
     and parent-run creation all race): one MLflow parent run, each point enqueued and run once."""
     recipe = grid()
     for rep in range(4):
         folder = tmp_path / f"rep{rep}"
         folder.mkdir()
-        stores = _stores(folder, recipe)
+        stores = _stores(folder, recipe, storage_url(kind, request))
         procs = _start(_parent_child, [(recipe, stores, str(folder), True)] * 2)
         errors = (folder / "errors.log").read_text() if (folder / "errors.log").exists() else ""
         assert [p.exitcode for p in procs] == [0, 0], errors
