@@ -253,3 +253,58 @@ def test_sigkill_around_creating_the_child_run_then_rerun_leaves_no_orphan_run(t
         assert orphan.data.tags["point"] == killed.user_attrs["point"] and "orphan" in orphan.data.tags["killed"]
     else:
         assert statuses == ["FINISHED"] * 7
+
+
+def test_cli_two_workers_ctrl_c_keeps_finished_trials_and_rerun_completes(tmp_path, data_root):
+    """`repsearch run --workers 2` on real data, interrupted like Ctrl-C in a terminal (SIGINT to the
+    whole process group) once a trial has finished and both workers are mid-trial: the finished
+    trials stay COMPLETE, the interrupted ones are FAIL with KILLED MLflow runs, the parent run is
+    KILLED; the same command then runs only what is missing, on 2 workers, with one parent run."""
+    runs = tmp_path / "runs"
+    args = cli(runs, data_root, epochs=4, extra=["sweep.seeds=[0]"]) + ["--workers", "2"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    interrupted = False
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if not (runs / "optuna.db").is_file():
+                continue
+            try:
+                trials = study_of(runs).get_trials(deepcopy=False)
+            except Exception:  # the study is being created
+                continue
+            states = [t.state for t in trials]
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("mlflow_run_id")]
+            if TrialState.COMPLETE in states and len(running) == 2:
+                os.killpg(proc.pid, signal.SIGINT)
+                interrupted = True
+                break
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert interrupted, "never saw a finished trial and two running ones"
+    assert proc.returncode != 0 and "started 2 workers" in out, out[-3000:]
+    trials = study_of(runs).get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    done_before = {t.number for t in trials if t.state == TrialState.COMPLETE}
+    # both workers were mid-trial (one may have just finished when the signal landed)
+    assert 1 <= len(failed) <= 2 and all("KeyboardInterrupt" in t.user_attrs.get("error", "") for t in failed), [t.user_attrs for t in failed]
+    assert done_before and proc.pid not in {t.user_attrs.get("worker_pid") for t in trials}  # the parent ran none
+    _, parents, children = mlflow_runs(runs)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    by_trial = {int(c.data.tags["optuna.trial_number"]): c.info.status for c in children}
+    assert all(by_trial[t.number] == "KILLED" for t in failed)
+    again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    trials = study_of(runs).get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 7 and len({t.user_attrs["point"] for t in complete}) == 7
+    assert done_before <= {t.number for t in complete}  # nothing finished was lost or run again
+    assert len({t.user_attrs["worker_pid"] for t in complete}) >= 2  # trials ran in more than one worker process
+    _, parents, children = mlflow_runs(runs)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.info.status for c in children) == ["FINISHED"] * 7 + ["KILLED"] * len(failed)

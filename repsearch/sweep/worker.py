@@ -403,7 +403,7 @@ def check_worker_host(study_name: str, stores: Stores, attrs: dict[str, Any], ho
         raise SweepError(f"study '{study_name}' lives in an SQLite file made on {origin}: SQLite serves one machine; use PostgreSQL for workers on other hosts")
     if _is_local_tracking(stores.tracking_uri):
         raise SweepError(f"study '{study_name}' logs to a local MLflow store ({stores.tracking_uri}) on {origin}: workers on other hosts need "
-                         "a tracking server (repsearch ui --host 0.0.0.0, or mlflow server --artifacts-destination ...) passed as --tracking-uri to repsearch run")
+                         "a tracking server (mlflow server --artifacts-destination ... --host 0.0.0.0) passed as --tracking-uri to repsearch run")
 
 
 def work(
