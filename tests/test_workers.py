@@ -360,3 +360,22 @@ def test_worker_reads_its_stores_from_the_study(tmp_path, monkeypatch):
     assert not (elsewhere / "runs" / "mlflow.db").exists()
     with pytest.raises(SweepError, match="does not exist"):
         work("no-such-study", storage=stores.storage, device="cpu", data_root=None, trial_fn=quick_trial)
+
+
+def test_cli_worker_and_placement_errors_are_one_line(tmp_path, data_root):
+    """`repsearch worker` on a missing study and `run --devices` on the CPU: one line, exit 2, and the
+    placement error comes before any store is written."""
+    from click.testing import CliRunner
+
+    from repsearch.cli import main
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["worker", "nosuch", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--device", "cpu"])
+    assert res.exit_code == 2 and res.output.strip().count("\n") == 0 and "study 'nosuch' does not exist" in res.output
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "ablation_scoring.yaml")
+    for extra, words in ((["--workers", "2", "--devices", "0"], "this run is on the CPU"), (["--devices", "0"], "with one worker use"),
+                         (["--devices", "a,b"], "give CUDA device numbers")):
+        runs = tmp_path / f"runs{len(extra)}"
+        res = runner.invoke(main, ["run", recipe, "-p", "smoke", "--device", "cpu", "--runs-dir", str(runs), "--data-root", str(data_root), *extra])
+        assert res.exit_code == 2 and words in res.output and res.output.strip().count("\n") == 0, res.output
+        assert not (runs / "optuna.db").exists()

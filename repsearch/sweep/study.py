@@ -170,6 +170,12 @@ def run_study(
         KeyboardInterrupt: after failing the running trials (their MLflow runs KILLED).
     """
     n_workers = _workers(recipe, workers)
+    if n_workers > 1:
+        from repsearch.sweep.pool import worker_plan
+
+        worker_plan(n_workers, device, devices)  # placement errors before anything is created
+    elif devices:
+        raise SweepError("--devices places a pool's workers; with one worker use --device cuda:N")
     ctx, acc, to_run = prepare_study(
         recipe, recipe_path, profile, stores, device=device, data_root=data_root, trial_fn=trial_fn, console=console,
         progress=progress,

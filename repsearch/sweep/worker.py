@@ -452,7 +452,6 @@ def work(
             raise SweepError("a worker needs --storage (the study's Optuna storage URL)")
         stores, attrs = study_stores(study_name, storage, runs_dir=runs_dir, tracking_uri=tracking_uri)
     else:
-        _, attrs = None, None
         st = open_storage(stores.storage)
         try:
             attrs = dict(optuna.load_study(study_name=study_name, storage=st).user_attrs)
