@@ -1,7 +1,7 @@
 """Sweep throughput: trials/hour of a tiny grid with 1, 2 and 4 worker processes on one store.
 
 Runs the same grid (``--points`` configurations, real small training trials on CIFAR-10 subsets:
-VGG-16 ×0.125, 4 epochs on 4,096 images, ~10 s each on 2 CPU cores; or
+VGG-16 ×0.125, 2 epochs on 2,048 images; or
 ``--trial noop`` trials that only log, to isolate the queue's own overhead) through
 :func:`repsearch.sweep.run_study` with ``workers = 1, 2, 4`` on a fresh SQLite store and, when a
 PostgreSQL server is given (``--postgres URL``) or can be started from Debian's binaries
@@ -47,10 +47,10 @@ def tiny_recipe(points: int, seed: int):
 
     return Recipe.model_validate({
         "seed": seed,
-        "data": {"dataset": "cifar10", "train_subset": 4096, "val_size": 512, "test_subset": 512},
+        "data": {"dataset": "cifar10", "train_subset": 2048, "val_size": 256, "test_subset": 256},
         "model": {"name": "vgg16", "width": 0.125},
         "method": {"name": "origin"},
-        "train": {"epochs": 4, "batch_size": 64, "eval_batch_size": 256, "lr": 0.05, "warmup_epochs": 0},
+        "train": {"epochs": 2, "batch_size": 64, "eval_batch_size": 256, "lr": 0.05, "warmup_epochs": 0},
         "sweep": {"params": {"train.lr": {"choices": [round(0.05 + 0.005 * i, 4) for i in range(points)]}}, "seeds": [0]},
     })
 
