@@ -74,6 +74,8 @@ def quick_trial(recipe, *, data_root, device, out_dir, on_epoch=None, progress=T
     if (root / "block").is_file() and key == (root / "block").read_text().strip():
         (root / "started").write_text(str(os.getpid()))
         time.sleep(600)
+    if (root / "sleep").is_file():  # long enough that every worker of a pool gets trials
+        time.sleep(float((root / "sleep").read_text()))
     with open(root / "calls.log", "a") as fh:
         fh.write(f"{os.getpid()} {key}\n")
     history = []
@@ -292,6 +294,7 @@ def test_pool_of_two_spawned_workers_runs_the_study(tmp_path):
     line per worker, every point once, the parent run FINISHED with its counts."""
     recipe = grid(n_choices=3, seeds=(0, 1))
     stores = _stores(tmp_path, recipe)
+    (tmp_path / "sleep").write_text("1.5")
     buf = io.StringIO()
     summary = run_study(recipe, RECIPE_PATH, None, stores, device="cpu", data_root=str(tmp_path), trial_fn=quick_trial,
                         console=Console(file=buf, width=200), progress=True, workers=2)
