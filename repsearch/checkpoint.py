@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 #: Version of the checkpoint layout; a file of another version is not resumed.
 FORMAT = 1
-#: The checkpoints' folder inside a trial's out_dir.
+#: The checkpoints' folder inside a trial's out_dir (also ``repsearch.sweep.worker.CHECKPOINTS``).
 DIRNAME = "checkpoints"
 #: Checkpoints kept per trial (the newest ones).
 KEEP = 2
