@@ -88,12 +88,12 @@ def plain(obj: Any, where: str = "checkpoint") -> Any:
         CheckpointError: any other type (named with its place in ``obj``), so that a checkpoint that
             would not load is never written.
     """
+    if isinstance(obj, np.generic):  # before float: numpy.float64 is a float subclass that does not load
+        return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, np.generic):
-        return obj.item()
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(obj.copy())
     if isinstance(obj, Path):
