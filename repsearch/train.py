@@ -5,7 +5,8 @@ contract, driven through the method interface v2 (:mod:`repsearch.methods.base`)
 The hot path (one training step) does forward, loss, backward, ``method.after_backward`` (on-device
 saliency accumulation), the optional global-norm clipping (on device), the optimizer and LR steps,
 and adds the batch's loss and correct count to on-device accumulators: no host sync per step. The
-host reads the accumulators once per epoch.
+host reads the accumulators once per epoch; checkpoints (:mod:`repsearch.checkpoint`) are written at
+epoch ends only.
 
 Precision is part of the experiment (DESIGN.md conventions): autocast (``train.amp``, bf16, CUDA
 only) and TF32 (``train.tf32``, CUDA only) are decided per epoch — both off while the method scores
