@@ -252,5 +252,6 @@ class Method:
         return {"events": list(self.events)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; call it after :meth:`prepare` on the restored model."""
+        """Restore :meth:`state_dict` output; call it after :meth:`prepare` and
+        :meth:`restore_structure` on the restored model (its weights loaded)."""
         self.events = list(state.get("events", []))

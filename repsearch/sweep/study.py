@@ -156,8 +156,9 @@ def run_study(
         data_root: passed to ``trial_fn``.
         trial_fn: ``trial_fn(recipe, *, data_root, device, out_dir, on_epoch, progress)`` returning an
             object with ``final`` (dict), ``history`` (list of dicts) and ``artifacts`` (paths);
-            default :func:`repsearch.trial.run_trial`. With workers > 1 it must be picklable (a
-            module-level function).
+            default :func:`repsearch.trial.run_trial`. A trial that resumes a checkpoint also gets
+            ``resume_from`` (the file; only then, so a function without that keyword still serves
+            studies that never resume). With workers > 1 it must be picklable (a module-level function).
         console: a ``rich.console.Console`` for one line per trial (None: logging only).
         progress: progress bars (one per trial in-process; one line per worker with a pool).
         workers: overrides ``sweep.workers``.
