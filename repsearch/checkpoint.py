@@ -82,7 +82,8 @@ def resolve_every(train_spec: Any) -> int:
 def plain(obj: Any, where: str = "checkpoint") -> Any:
     """``obj`` made loadable with ``torch.load(weights_only=True)``: tensors become detached CPU
     copies, numpy scalars python numbers, numpy arrays tensors, paths strings; dicts, lists and
-    tuples are converted element by element; str, int, float, bool and None stay.
+    tuples are converted element by element; str, int, float, bool, None, torch dtypes, devices and
+    sizes stay.
 
     Raises:
         CheckpointError: any other type (named with its place in ``obj``), so that a checkpoint that
@@ -104,8 +105,8 @@ def plain(obj: Any, where: str = "checkpoint") -> Any:
         return [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
         return tuple(plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
-    if isinstance(obj, torch.dtype) or isinstance(obj, torch.device):
-        return str(obj)
+    if isinstance(obj, (torch.dtype, torch.device, torch.Size)):  # weights_only reads these as they are
+        return obj
     raise CheckpointError(f"{where}: a {type(obj).__name__} cannot go into a weights_only checkpoint")
 
 

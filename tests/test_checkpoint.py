@@ -295,6 +295,12 @@ def test_policy_default_every_and_due():
     assert not any(off.due(e, True) for e in range(1, 10))
 
 
+def test_the_sweep_looks_for_checkpoints_where_trials_write_them():
+    from repsearch.sweep.worker import CHECKPOINTS
+
+    assert CHECKPOINTS == DIRNAME
+
+
 def test_only_the_last_two_are_kept_and_clear_removes_them(tmp_path):
     ck = Checkpointer(tmp_path / DIRNAME, every=1)
     for e in range(1, 6):
@@ -341,8 +347,8 @@ def test_loading_is_weights_only_and_saving_refuses_what_would_not_load(tmp_path
     save_checkpoint({"format": 1, "x": [np_float()]}, tmp_path / "epoch_0003.pt")
     assert load_checkpoint(tmp_path / "epoch_0003.pt")["x"] == [0.5]
     assert calls and all(k.get("weights_only") is True for k in calls)
-    with pytest.raises(CheckpointError, match="format"):
-        save_checkpoint({"format": 99}, tmp_path / "epoch_0004.pt")
+    save_checkpoint({"format": 99}, tmp_path / "epoch_0004.pt")
+    with pytest.raises(CheckpointError, match="format 99"):
         load_checkpoint(tmp_path / "epoch_0004.pt")
 
 
@@ -363,7 +369,11 @@ def test_rng_states_round_trip(tmp_path):
     set_rng_state(load_checkpoint(path)["rng"])
     got = (random.random(), float(np.random.rand()), torch.rand(3))
     assert want[:2] == got[:2] and torch.equal(want[2], got[2])
-    assert plain((1, [2.0, "x"], {"k": None})) == (1, [2.0, "x"], {"k": None})
+    kept = (1, [2.0, "x"], {"k": None}, torch.float64, torch.device("cpu"), torch.Size([2, 3]))
+    assert plain(kept) == kept
+    path = save_checkpoint({"format": 1, "kept": kept, "path": tmp_path}, tmp_path / "epoch_0002.pt")
+    back = load_checkpoint(path)
+    assert back["kept"] == kept and back["path"] == str(tmp_path)
 
 
 # ------------------------------------------------------------------------------------ in process
