@@ -105,11 +105,13 @@ def main(verbose: int) -> None:
 @click.option("--no-deps", is_flag=True, help="Refuse (one line, exit 2) instead of running an incomplete study this recipe depends on (e.g. RepOpt's Hyper-Search).")
 @click.option("--workers", "-w", type=int, default=None, help="Worker processes running trials in parallel (> sweep.workers; default 1: in this process).")
 @click.option("--devices", default=None, metavar="0,1,...", help="CUDA devices for the workers, round-robin (default: every visible GPU).")
+@click.option("--no-resume", is_flag=True, help="Start every point from scratch, even where a failed or killed trial left a checkpoint.")
 @user_errors
-def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, device, no_progress, no_deps, workers, devices):
+def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, device, no_progress, no_deps, workers, devices, no_resume):
     """Run RECIPE: every sweep point (or the single configuration) not yet complete, then print the
     comparison table. With --workers N, N processes pop the study's trials in parallel (one per GPU
-    on CUDA; on CPU the cores are shared out)."""
+    on CUDA; on CPU the cores are shared out). A point whose trial failed or was killed resumes from
+    the last checkpoint that trial left (--no-resume: from scratch)."""
     from rich.console import Console
 
     from repsearch.data import find_layout, resolve_data_root
@@ -130,11 +132,11 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
     rec = resolve_dependencies(
         rec, recipe, stores, run_missing=not no_deps,
         say=lambda line: console.print(line, markup=False, highlight=False),
-        device=device, data_root=str(root), console=console, progress=not no_progress,
+        device=device, data_root=str(root), console=console, progress=not no_progress, resume=not no_resume,
     )
     summary = run_study(
         rec, recipe, profile, stores, device=device, data_root=str(root), console=console, progress=not no_progress,
-        workers=workers, devices=_device_list(devices),
+        workers=workers, devices=_device_list(devices), resume=not no_resume,
     )
     if summary.rows:
         console.print(comparison_table(summary.rows, title=summary.study_name))
@@ -170,8 +172,9 @@ def _device_list(devices: Optional[str]) -> Optional[list[str]]:
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's own).")
 @click.option("--max-trials", type=int, default=None, help="Stop after this many trials.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--no-resume", is_flag=True, help="Start every trial from scratch, even where a failed or killed trial left a checkpoint.")
 @user_errors
-def worker(study_name, storage, device, data_root, runs_dir, tracking_uri, threads, max_trials, no_progress):
+def worker(study_name, storage, device, data_root, runs_dir, tracking_uri, threads, max_trials, no_progress, no_resume):
     """Join study STUDY_NAME from any machine: pop its WAITING trials and run them until none is left
     and none runs elsewhere. The study (made by `repsearch run`) carries the recipe, the MLflow
     tracking URI and experiment, and the git commit; only --storage is needed."""
@@ -195,7 +198,7 @@ def worker(study_name, storage, device, data_root, runs_dir, tracking_uri, threa
     root = resolve_data_root(data_root, recipe_root)
     console = Console(width=None if sys.stdout.isatty() else 240)
     n = work(study_name, stores, device=device, data_root=str(root), console=console, progress=not no_progress,
-             max_trials=max_trials)
+             max_trials=max_trials, resume=not no_resume)
     console.print(f"worker done: {n} trial{'s' if n != 1 else ''} run here", markup=False, highlight=False)
 
 

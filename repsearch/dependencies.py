@@ -109,7 +109,7 @@ def resolve_dependencies(
         run_missing: run an incomplete dependency study first (False: refuse with one line).
         run_study_fn: the study runner (default :func:`repsearch.sweep.run_study`; tests inject).
         say: prints one line to the user (e.g. a rich console's print).
-        run_kwargs: passed to ``run_study_fn`` (``device``, ``data_root``, ``console``, ``progress``,
+        run_kwargs: passed to ``run_study_fn`` (``device``, ``data_root``, ``console``, ``progress``, ``resume``,
             ``trial_fn``).
 
     Raises:

@@ -194,6 +194,7 @@ class TrainSpec(_Spec):
     tf32: bool = False
     channels_last: bool = True
     deterministic: bool = False
+    checkpoint_every: Optional[NonNegativeInt] = None
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
@@ -698,7 +699,10 @@ def trial_recipe(recipe: Recipe, overrides: dict[str, Any], seed: int) -> Recipe
         raise RecipeError(format_validation_error(exc, f"sweep point {overrides}")) from None
 
 
-_HASH_EXCLUDE = ("sweep.n_trials", "sweep.seeds", "sweep.workers", "tracking", "data.root", "profiles", "description")
+_HASH_EXCLUDE = (
+    "sweep.n_trials", "sweep.seeds", "sweep.workers", "tracking", "data.root", "profiles", "description",
+    "train.checkpoint_every",
+)
 
 
 def _field_default(info) -> Any:
@@ -745,7 +749,7 @@ def hashed_recipe(recipe: Recipe) -> dict:
     """What the study hash covers: the resolved recipe without the fields equal to their defaults
     (so a release that adds a field with a default renames no study) and without what does not
     change results (:data:`_HASH_EXCLUDE`: n_trials, seeds, workers, tracking, data.root, profiles,
-    description). DESIGN.md "Sweeps — contract"."""
+    description, train.checkpoint_every). DESIGN.md "Sweeps — contract"."""
     d = _non_defaults(recipe)
     for path in _HASH_EXCLUDE:
         parts = path.split(".")

@@ -5,7 +5,8 @@ contract, driven through the method interface v2 (:mod:`repsearch.methods.base`)
 The hot path (one training step) does forward, loss, backward, ``method.after_backward`` (on-device
 saliency accumulation), the optional global-norm clipping (on device), the optimizer and LR steps,
 and adds the batch's loss and correct count to on-device accumulators: no host sync per step. The
-host reads the accumulators once per epoch.
+host reads the accumulators once per epoch; checkpoints (:mod:`repsearch.checkpoint`) are written at
+epoch ends only.
 
 Precision is part of the experiment (DESIGN.md conventions): autocast (``train.amp``, bf16, CUDA
 only) and TF32 (``train.tf32``, CUDA only) are decided per epoch — both off while the method scores
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from repsearch.checkpoint import CheckpointError, Checkpointer, model_record, rng_state, set_rng_state
 from repsearch.measures import RunningAverage, check_measures, count_macs, count_params, peak_memory_mb, reset_peak_memory
 from repsearch.methods.base import EpochChanges, Method
 from repsearch.rep import count_branches
@@ -137,6 +139,13 @@ class Trainer:
         device: torch device.
         on_epoch: called as ``on_epoch(epoch, measures)`` after every epoch (epoch counts from 1).
         on_step: called as ``on_step(epoch, step_in_epoch)`` after every step (progress bars; must not sync).
+        checkpointer: a :class:`repsearch.checkpoint.Checkpointer`: at the end of an epoch it says is
+            due (after the epoch's measures are complete, before ``on_epoch``) the trainer writes
+            :meth:`checkpoint_state`; None = no checkpoints.
+
+    Resuming: build the Trainer on the restored model and method (:func:`repsearch.checkpoint.restore_model`,
+    ``Method.load_state_dict``), call :meth:`load_state_dict` with the checkpoint's ``trainer`` part,
+    then :meth:`fit` runs the remaining epochs.
 
     Attributes:
         history: per-epoch measures, epoch 1 first.
@@ -157,6 +166,7 @@ class Trainer:
         device: torch.device,
         on_epoch: Optional[Callable[[int, dict], None]] = None,
         on_step: Optional[Callable[[int, int], None]] = None,
+        checkpointer: Optional[Checkpointer] = None,
     ):
         self.model = model
         self.method = method
@@ -180,6 +190,8 @@ class Trainer:
         self.device_seconds = 0.0
         self.fp32_epochs: list[int] = []
         self.tf32_epochs: list[int] = []
+        self.checkpointer = checkpointer
+        self._changed_last = False  # the last epoch's end changed something (next epoch end: checkpoint)
 
     # ---------------------------------------------------------------------------------------
     def _structure_changed(self) -> None:
@@ -301,8 +313,77 @@ class Trainer:
         )
         m.update({k: float(v) for k, v in extra.items()})
         self.history.append(m)
+        changed_before, self._changed_last = self._changed_last, bool(changes)
+        if self.checkpointer is not None and self.checkpointer.due(epoch, changed_before):
+            self.checkpointer.save(epoch, self.checkpoint_state())
         if self.on_epoch is not None:
             self.on_epoch(epoch, m)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _param_names(self) -> list[list[str]]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [[names.get(id(p), f"<unnamed {tuple(p.shape)}>") for p in g["params"]] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        """The trainer's own state after the last finished epoch (plain values and tensors):
+        ``epoch``, ``history``, ``optimizer`` / ``scheduler`` state dicts, ``optimizer_params`` (the
+        parameter names of every optimizer group, in order), the running averages, ``device_seconds``,
+        ``fp32_epochs`` / ``tf32_epochs``, ``changed_last``, ``loader_epoch`` (the training loader's
+        epoch counter, when it has one) and ``rng`` (:func:`repsearch.checkpoint.rng_state`)."""
+        return {
+            "epoch": len(self.history),
+            "history": [dict(m) for m in self.history],
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_params": self._param_names(),
+            "scheduler": self.scheduler.state_dict(),
+            "avg_flops": self.avg_flops.state_dict(),
+            "avg_params": self.avg_params.state_dict(),
+            "device_seconds": self.device_seconds,
+            "fp32_epochs": list(self.fp32_epochs),
+            "tf32_epochs": list(self.tf32_epochs),
+            "changed_last": self._changed_last,
+            "loader_epoch": getattr(self.train_loader, "epoch", None),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` output: the optimizer (rebuilt by the method's
+        ``optimizer`` hook for the restored model) and the scheduler load their states, the history,
+        averages and counters are restored, and the RNG states last, so the next :meth:`fit` runs
+        the remaining epochs as an uninterrupted run would.
+
+        Raises:
+            CheckpointError: the checkpoint is past ``train.epochs``, or the optimizer's groups hold
+                other parameters (names, order) than the checkpoint's.
+        """
+        epoch = int(state["epoch"])
+        if epoch > self.spec.epochs or epoch != len(state["history"]):
+            raise CheckpointError(f"checkpoint after epoch {epoch} ({len(state['history'])} in its history) does not fit a run of {self.spec.epochs} epochs")
+        names = self._param_names()
+        if [list(g) for g in state["optimizer_params"]] != names:
+            raise CheckpointError("the rebuilt optimizer's parameter groups differ from the checkpoint's (names or order)")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = [dict(m) for m in state["history"]]
+        self.avg_flops.load_state_dict(state["avg_flops"])
+        self.avg_params.load_state_dict(state["avg_params"])
+        self.device_seconds = float(state["device_seconds"])
+        self.fp32_epochs = [int(e) for e in state["fp32_epochs"]]
+        self.tf32_epochs = [int(e) for e in state["tf32_epochs"]]
+        self._changed_last = bool(state["changed_last"])
+        if state.get("loader_epoch") is not None and hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(int(state["loader_epoch"]))
+        set_rng_state(state["rng"])
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint holds besides its header: ``model``
+        (:func:`repsearch.checkpoint.model_record`), ``method`` (``Method.state_dict()``) and
+        ``trainer`` (:meth:`state_dict`)."""
+        return {
+            "model": model_record(self.model, self.method),
+            "method": self.method.state_dict(),
+            "trainer": self.state_dict(),
+        }
 
     def final_measures(self) -> tuple[dict[str, float], dict[str, str]]:
         """``(numbers, tags)`` describing how the run trained: ``fp32_epochs`` (count) and the tags

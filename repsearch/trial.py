@@ -7,6 +7,10 @@ validation split are compared with the training-time model's (eval mode, fp32, T
 the deployed kernels' standard deviations are recorded (``kernel_std.json``, every trial) and, with
 ``quantize.mode: ptq``, a CPU copy of the reloaded model is INT8-quantized and evaluated
 (:mod:`repsearch.quantize`).
+
+Mid-trial checkpoints (:mod:`repsearch.checkpoint`) go to ``<out_dir>/checkpoints/`` while the trial
+trains and are removed when it finishes; ``run_trial(resume_from=...)`` continues a killed trial from
+one of them and ends as the uninterrupted trial would (timing measures aside).
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from repsearch.checkpoint import DIRNAME, CheckpointError, Checkpointer, load_checkpoint, resolve_every, restore_model
 from repsearch.data import build_data, resolve_data_root
 from repsearch.measures import check_measures, count_macs, count_params
 from repsearch.methods import Method, build_method
 from repsearch.models import build_model, model_kwargs
 from repsearch.quantize import KERNEL_STD_ARTIFACT, int8_measures, kernel_std, require_torchao
-from repsearch.spec import Recipe, recipe_yaml
+from repsearch.spec import Recipe, recipe_hash, recipe_yaml
 from repsearch.train import Trainer, evaluate, seed_everything, tf32_scope
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,7 @@ class TrialResult:
         tags: non-numeric facts (MLflow tags): ``precision``, ``not_learning`` (the reason, only for
             a collapsed trial), the quantizer's ``int8.*`` (``quantize.mode: ptq``), the method's
             non-numeric ``final_measures``.
+        resumed_epoch: the checkpoint's epoch (from 1) when the trial resumed one, else None.
     """
 
     final: dict[str, float]
@@ -61,6 +67,7 @@ class TrialResult:
     artifacts: list[Path] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    resumed_epoch: Optional[int] = None
 
 
 #: A trial is "not learning" when its training loss stays within this fraction of ln(classes) ...
@@ -152,8 +159,19 @@ def run_trial(
     on_epoch: Optional[Callable[[int, dict[str, float]], None]] = None,
     progress: bool = True,
     method: Optional[Method] = None,
+    resume_from: Optional[str | Path] = None,
 ) -> TrialResult:
     """Train one configuration and deploy it.
+
+    Checkpoints (:mod:`repsearch.checkpoint`): while training, ``<out_dir>/checkpoints/epoch_XXXX.pt``
+    every ``train.checkpoint_every`` epochs and after every structure change (the newest 2 kept),
+    removed when the trial returns. With ``resume_from`` the trial continues from that checkpoint:
+    the data, the plain model and ``method.prepare`` as usual, then the recorded structure and
+    weights, the method's, optimizer's, scheduler's and trainer's states and the RNG states; the
+    checkpoint's epochs are replayed to ``on_epoch`` (same measures, in order: a new MLflow run gets
+    the whole history), an event ``{"kind": "resume", "epoch": E, "checkpoint": path, "from_trial": N}``
+    is added to the method's events, and the remaining epochs train. With ``train.deterministic`` on
+    CPU the result equals the uninterrupted trial's bit for bit (timing measures aside).
 
     Args:
         recipe: a trial's recipe (no sweep applied any more; ``recipe.seed`` is the trial's seed).
@@ -164,8 +182,12 @@ def run_trial(
         progress: show a rich progress bar on stderr.
         method: a method instance to use instead of the one ``recipe.method`` names (tests and
             programmatic use; the recipe's ``method`` section is then only recorded).
+        resume_from: a checkpoint file of an earlier trial of this configuration and seed (its
+            ``trials/<study>/<NNNN>/checkpoints/`` folder names trial NNNN as ``from_trial``).
 
     Raises:
+        repsearch.checkpoint.CheckpointError: ``resume_from`` is unreadable, was written for another
+            configuration or seed (recipe hash), or does not rebuild on this model.
         repsearch.errors.DataError: missing data root or layout (a user mistake).
         repsearch.train.NonFiniteLoss: NaN/inf training loss.
         DeployMismatch: deployed outputs differ beyond the tolerance (a bug; the figures are in the message).
@@ -173,12 +195,28 @@ def run_trial(
             with a deployed model that torch.export / the x86 quantizer cannot handle.
     """
     with tf32_scope(recipe.train.tf32):
-        return _run_trial(recipe, data_root, torch.device(device), Path(out_dir), on_epoch, progress, method)
+        return _run_trial(recipe, data_root, torch.device(device), Path(out_dir), on_epoch, progress, method, resume_from)
 
 
-def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method) -> TrialResult:
+def _read_resume(path: Path, recipe: Recipe) -> dict:
+    """The checkpoint at ``path`` (CPU tensors), checked to be this trial's configuration and seed."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    want, got = recipe_hash(recipe), ckpt.get("meta", {}).get("recipe_hash")
+    if got != want:
+        raise CheckpointError(f"{path}: written for another configuration or seed (recipe hash {str(got)[:12]}, this trial {want[:12]})")
+    return ckpt
+
+
+def _from_trial(path: Path) -> Optional[int]:
+    """Trial NNNN of ``.../trials/<study>/<NNNN>/checkpoints/epoch_XXXX.pt`` (None elsewhere)."""
+    name = path.parent.parent.name
+    return int(name) if path.parent.name == DIRNAME and name.isdigit() else None
+
+
+def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method, resume_from=None) -> TrialResult:
     if recipe.quantize.mode == "ptq":
         require_torchao()  # fail before training, not after it
+    ckpt = _read_resume(Path(resume_from), recipe) if resume_from is not None else None
     seed_everything(recipe.seed, recipe.train.deterministic)
     out_dir.mkdir(parents=True, exist_ok=True)
     d = recipe.data
@@ -203,13 +241,23 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method) -> T
     )
     kwargs = model_kwargs(recipe.model.name, data.num_classes, recipe.model.width, **recipe.model.options)
     model = build_model(recipe.model.name, **kwargs).to(dev)
-    if recipe.model.init_from:  # -- model.init_from (RepAn issue): a finished run's weights --
+    if recipe.model.init_from and ckpt is None:  # -- model.init_from (RepAn issue): a finished run's weights --
         from repsearch.deployed import load_init_from
 
         load_init_from(model, recipe.model.init_from, recipe, recipe.model.name, kwargs)
     if method is None:
         method = build_method(recipe, dev)
     model = method.prepare(model, data.train).to(dev)
+    resumed_epoch = None
+    if ckpt is not None:  # -- the recorded structure, weights and method state ------------
+        model = restore_model(model, method, ckpt["model"]).to(dev)
+        method.load_state_dict(ckpt["method"])
+        resumed_epoch = int(ckpt["epoch"])
+        method.events.append(
+            {"epoch": resumed_epoch, "kind": "resume", "checkpoint": str(resume_from), "from_trial": _from_trial(Path(resume_from))}
+        )
+        log.info("resuming from %s (epoch %d)", resume_from, resumed_epoch)
+    checkpointer = Checkpointer(out_dir / DIRNAME, resolve_every(recipe.train), meta={"recipe_hash": recipe_hash(recipe)})
 
     bar = _ProgressBar(recipe.train.epochs, len(data.train)) if progress else None
     t_start = time.perf_counter()
@@ -229,8 +277,17 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method) -> T
         dev,
         on_epoch=epoch_cb,
         on_step=bar.step if bar is not None else None,
+        checkpointer=checkpointer,
     )
     try:
+        if ckpt is not None:
+            state = ckpt["trainer"]
+            for epoch, m in enumerate(state["history"], start=1):  # the caller's record of the done epochs
+                epoch_cb(epoch, dict(m))
+            if bar is not None:
+                bar.step(len(state["history"]), len(data.train))
+            trainer.load_state_dict(state)  # RNG states last: nothing may draw after this but training
+            ckpt = state = None
         history = trainer.fit()
     finally:
         if bar is not None:
@@ -294,7 +351,9 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method) -> T
             f"deployed model differs from the training-time model: max abs err {check['deploy/max_abs_err']:.3g}, "
             f"relative {check['deploy/rel_err']:.3g} > {TOLERANCE:g}"
         )
-    return TrialResult(final=final, history=history, artifacts=artifacts, events=list(method.events), tags=tags)
+    checkpointer.clear()  # the trial finished: nothing to resume
+    return TrialResult(final=final, history=history, artifacts=artifacts, events=list(method.events), tags=tags,
+                       resumed_epoch=resumed_epoch)
 
 
 def _jsonable(o):

@@ -308,3 +308,93 @@ def test_cli_two_workers_ctrl_c_keeps_finished_trials_and_rerun_completes(tmp_pa
     _, parents, children = mlflow_runs(runs)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(c.info.status for c in children) == ["FINISHED"] * 7 + ["KILLED"] * len(failed)
+
+
+#: Runs the real CLI and SIGKILLs itself right after the checkpoint of epoch argv[1] is written (the
+#: file is complete: the kill lands after the atomic rename), as a kill -9 at that moment would.
+CHECKPOINT_KILL = """
+import os, signal, sys
+from repsearch.checkpoint import Checkpointer
+from repsearch.cli import main
+
+target = int(sys.argv[1])
+original = Checkpointer.save
+
+def save(self, epoch, state):
+    path = original(self, epoch, state)
+    if epoch == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+Checkpointer.save = save
+main(sys.argv[2:])
+"""
+
+#: Measures that time the run (wall clock, throughput, memory, device-hours): a resumed trial differs
+#: there by construction, so the equality below leaves them out.
+TIMING = {"epoch_time_s", "train_images_per_s", "mem_peak_mb", "cost_gpu_hours", "trial_time_s"}
+
+
+def test_sigkill_after_the_third_adjustment_then_rerun_resumes_bit_for_bit(tmp_path, data_root):
+    """DESIGN.md "Checkpoints and resume": a deterministic DyRep smoke trial (one point, CPU) killed with
+    SIGKILL once the checkpoint after its 3rd adjustment exists; the same command resumes it from that
+    checkpoint and ends with the deployed weights, events and per-epoch and final metrics of an
+    uninterrupted run of the same command in another folder (timing measures aside)."""
+    # adjustments (Rep, Dep) at the ends of epochs 1-5 and a checkpoint at every epoch end (the default
+    # period for 6 epochs): killed right after the 3rd adjustment's checkpoint, the resumed run makes
+    # the 4th and 5th (new branches drawn from the restored RNG, chosen from the restored scores)
+    epochs = 6
+    one = ["train.deterministic=true", "method.grow_until=5",
+           "sweep.params={method.scoring: {choices: [synflow]}}", "sweep.baselines=[]"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    args = cli(a / "runs", data_root, epochs=epochs, extra=one)
+    killed = subprocess.run([sys.executable, "-c", CHECKPOINT_KILL, "3"] + args[3:], capture_output=True, text=True,
+                            cwd=a, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    (study,) = [p.name for p in (a / "runs" / "trials").iterdir()]
+    folder = a / "runs" / "trials" / study / "0000" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_0002.pt", "epoch_0003.pt"]  # the last 2
+    ckpt = torch.load(folder / "epoch_0003.pt", weights_only=True)
+    assert [e["epoch"] for e in ckpt["method"]["events"] if e["kind"] == "rep"] == [1, 2, 3]
+
+    resumed = subprocess.run(args, capture_output=True, text=True, cwd=a, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from trial 0 epoch 3" in resumed.stdout
+    straight = subprocess.run(cli(b / "runs", data_root, epochs=epochs, extra=one), capture_output=True, text=True,
+                              cwd=b, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "resumed" not in straight.stdout
+
+    t0, t1 = study_of(a / "runs").get_trials(deepcopy=False)
+    assert (t0.state, t1.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert t1.user_attrs["resumed_from"] == "trial 0 epoch 3"
+    assert not (a / "runs" / "trials").exists()  # the slot is done: its checkpoints are gone
+    client_a, _, runs_a = mlflow_runs(a / "runs")
+    client_b, _, runs_b = mlflow_runs(b / "runs")
+    (old,) = [r for r in runs_a if r.info.status == "KILLED"]
+    (new,) = [r for r in runs_a if r.info.status == "FINISHED"]
+    (ref,) = runs_b
+    assert len(runs_a) == 2 and ref.info.status == "FINISHED"
+    assert new.data.tags["resumed_from"] == "trial 0 epoch 3" and new.data.tags["resumed_from_run"] == old.info.run_id
+
+    def artifact(client, run, name, where):
+        return Path(client.download_artifacts(run.info.run_id, name, str(tmp_path / where)))
+
+    dep_a = torch.load(artifact(client_a, new, "deployed.pt", "da"), weights_only=True)["state_dict"]
+    dep_b = torch.load(artifact(client_b, ref, "deployed.pt", "db"), weights_only=True)["state_dict"]
+    assert list(dep_a) == list(dep_b) and all(torch.equal(dep_a[k], dep_b[k]) for k in dep_b)
+    ev_a = json.loads(artifact(client_a, new, "events.json", "ea").read_text())
+    ev_b = json.loads(artifact(client_b, ref, "events.json", "eb").read_text())
+    assert [e["epoch"] for e in ev_a if e["kind"] == "resume"] == [3]
+    assert [e for e in ev_a if e["kind"] != "resume"] == ev_b
+    assert [e["epoch"] for e in ev_b if e["kind"] == "rep"] == [1, 2, 3, 4, 5]
+    assert artifact(client_a, new, "structure.json", "sa").read_text() == artifact(client_b, ref, "structure.json", "sb").read_text()
+    # every metric: the whole per-epoch history (epochs 1-3 replayed from the checkpoint) and the final value
+    assert set(new.data.metrics) == set(ref.data.metrics)
+    for key in sorted(set(ref.data.metrics) - TIMING):
+        ha = sorted((m.step, m.value) for m in client_a.get_metric_history(new.info.run_id, key))
+        hb = sorted((m.step, m.value) for m in client_b.get_metric_history(ref.info.run_id, key))
+        assert ha == hb, key
+    assert [s for s, _ in sorted((m.step, m.value) for m in client_a.get_metric_history(new.info.run_id, "val/top1"))] \
+        == list(range(1, epochs + 1))

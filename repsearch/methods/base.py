@@ -20,7 +20,11 @@ Methods never own the loop: :class:`repsearch.train.Trainer` calls these hooks, 
 
 ``state_dict()`` / ``load_state_dict()`` carry the method's own state (not the model's) for
 checkpoints: plain tensors and JSON-able values only, so that ``torch.load(weights_only=True)``
-reads them back.
+reads them back. Resuming a checkpoint (:mod:`repsearch.checkpoint`) runs, on the plain model::
+
+    model = method.prepare(model, loader)                  # the method's own set-up
+    model = method.restore_structure(model, structure)     # the recorded structure (``structure()``)
+    model.load_state_dict(saved, strict=True); method.load_state_dict(saved_method_state)
 
 A method is registered with :func:`register_method` in its own module under ``repsearch/methods/``
 together with its recipe section (a :class:`repsearch.schema.MethodSpecModel` subclass): adding a
@@ -39,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repsearch import optim
+from repsearch.rep import apply_structure, restore_attach_rates, structure_shape
 from repsearch.rep import deploy as rep_deploy
 from repsearch.rep import structure as rep_structure
 
@@ -153,8 +158,33 @@ class Method:
         return rep_deploy(model)
 
     def structure(self, model: nn.Module) -> dict:
-        """JSON-able description of the training-time structure (``structure.json``)."""
+        """JSON-able description of the training-time structure (``structure.json``, checkpoints)."""
         return rep_structure(model)
+
+    def restore_structure(self, model: nn.Module, structure: dict) -> nn.Module:
+        """Give ``model`` — the plain model after :meth:`prepare` — the structure recorded by
+        :meth:`structure` in a checkpoint, before its state_dict is loaded (weights are irrelevant
+        here: they are overwritten). Default: nothing when :meth:`prepare` built that structure
+        already (static, RepAn, RepOpt: λ values aside); RepBlocks grown on a model that
+        :meth:`prepare` left without blocks (DyRep) are rebuilt with
+        :func:`repsearch.rep.apply_structure` (branch kinds, nesting, ``origin_bias``); then every
+        recorded attach rate λ is set (:func:`repsearch.rep.restore_attach_rates`). Returns the model.
+
+        Raises:
+            ValueError: :meth:`prepare` built blocks that differ from the recorded ones (a method
+                whose structure changes otherwise overrides this hook), or the recorded RepBlocks
+                cannot be rebuilt on this model.
+        """
+        current = rep_structure(model)
+        if structure_shape(current) != structure_shape(structure):
+            if current:
+                raise ValueError(
+                    f"method {self.name}: prepare() built {len(current)} blocks that differ from the "
+                    f"{len(structure)} recorded ones"
+                )
+            apply_structure(model, structure, gamma_init=1.0)
+        restore_attach_rates(model, structure)
+        return model
 
     # -- optimisation ----------------------------------------------------------------------
     def optimizer(self, model: nn.Module, train_spec) -> torch.optim.Optimizer:
@@ -222,5 +252,6 @@ class Method:
         return {"events": list(self.events)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; call it after :meth:`prepare` on the restored model."""
+        """Restore :meth:`state_dict` output; call it after :meth:`prepare` and
+        :meth:`restore_structure` on the restored model (its weights loaded)."""
         self.events = list(state.get("events", []))

@@ -172,6 +172,15 @@ class DyRep(Method):
         self._reset_scores(model)
         return model
 
+    def restore_structure(self, model: nn.Module, structure: dict) -> nn.Module:
+        """Rebuild the grown blocks recorded in a checkpoint (:meth:`Method.restore_structure`), then
+        score the rebuilt model's candidate ops, as after an adjustment, so that
+        :meth:`load_state_dict` finds the accumulator over the same ops (paths, order)."""
+        model = super().restore_structure(model, structure)
+        if self.accumulator is not None:
+            self._reset_scores(model)
+        return model
+
     def after_backward(self, model: nn.Module, step: int) -> None:
         if self.accumulator is not None and self.accumulator.metrics:
             self.accumulator.step()

@@ -625,17 +625,33 @@ class RepAn(Method):
         return dict(self._final)
 
     def state_dict(self) -> dict[str, Any]:
-        """Events, the per-cycle validation top-1, λ and the final measures (the cycle's best
-        weights of ``carry: best_val`` are not kept: a resumed cycle restarts its search).
-        JSON-able values only. Raises nothing."""
-        return {"events": list(self.events), "cycle_vals": list(self.cycle_vals), "lam": self._lam, "final": dict(self._final)}
+        """Events, the per-cycle validation top-1, λ, the final measures and, with ``carry:
+        best_val``, the current cycle's best snapshot (its epoch, val/top1 (%), val/loss (nats),
+        state_dict tensors and per-block λ), so a resumed cycle carries the same weights. Plain
+        tensors and JSON-able values only. Raises nothing."""
+        best = None
+        if self._best is not None:
+            b = self._best
+            best = {"val_top1": b.val_top1, "val_loss": b.val_loss, "epoch": b.epoch,
+                    "state": {k: v.detach().cpu() for k, v in b.state.items()}, "lams": dict(b.lams)}
+        return {"events": list(self.events), "cycle_vals": list(self.cycle_vals), "lam": self._lam,
+                "final": dict(self._final), "best": best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (missing keys take their defaults). Raises nothing."""
+        """Restore :meth:`state_dict` output (missing keys take their defaults; the snapshot's tensors
+        go to the method's device). Raises nothing."""
         self.events = list(state.get("events", []))
         self.cycle_vals = [float(v) for v in state.get("cycle_vals", [])]
         self._lam = float(state.get("lam", 1.0))
         self._final = {str(k): float(v) for k, v in state.get("final", {}).items()}
+        best = state.get("best")
+        self._best = None
+        if best is not None:
+            self._best = _Snapshot(
+                float(best["val_top1"]), float(best["val_loss"]), int(best["epoch"]),
+                {k: v.to(self.device) for k, v in best["state"].items()},
+                {str(k): (None if v is None else float(v)) for k, v in best["lams"].items()},
+            )
 
 
 def _probe_batch(loader: Optional[Iterable]) -> Optional[torch.Tensor]:

@@ -58,6 +58,8 @@ from repsearch.rep.surgery import (
     get_module,
     is_rep_block,
     nesting_depth,
+    restore_attach_rates,
+    structure_shape,
     repblocks,
     set_module,
     structure,
@@ -104,6 +106,8 @@ __all__ = [
     "pad_to_kxk",
     "repblocks",
     "reset_bn_to_identity",
+    "restore_attach_rates",
     "set_module",
     "structure",
+    "structure_shape",
 ]

@@ -18,7 +18,8 @@ Re-parameterizable block protocol (:func:`is_rep_block`): besides :class:`RepBlo
 is treated as a block by :func:`conv_bn_pairs`, :func:`nesting_depth`, :func:`fuse_blocks`,
 :func:`deploy`, :func:`count_branches` and :func:`structure` (e.g.
 :class:`~repsearch.rep.csla.CSLABlock`, RepOpt §3.2). Growth and pruning (:func:`expand`,
-:func:`collapse`, :func:`repblocks`, :func:`apply_structure`) are RepBlock-only.
+:func:`collapse`, :func:`repblocks`, :func:`apply_structure`, :func:`restore_attach_rates`) are
+RepBlock-only.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ __all__ = [
     "count_branches",
     "structure",
     "apply_structure",
+    "restore_attach_rates",
+    "structure_shape",
 ]
 
 log = logging.getLogger(__name__)
@@ -507,3 +510,48 @@ def apply_structure(
     for path, desc in struct.items():
         _apply(path, desc)
     return model
+
+
+def structure_shape(struct: dict) -> dict:
+    """:func:`structure` output without the values that change during training (RepAn's
+    ``attach_rate``): what two models of the same structure share. JSON-able, recursive."""
+
+    def _shape(desc: dict) -> dict:
+        out = {k: v for k, v in desc.items() if k not in ("attach_rate", "nested")}
+        out["nested"] = {rel: _shape(sub) for rel, sub in desc.get("nested", {}).items()}
+        return out
+
+    return {path: _shape(desc) for path, desc in struct.items()}
+
+
+def restore_attach_rates(model: nn.Module, struct: dict[str, dict]) -> int:
+    """Set λ (RepAn's attach rate, a non-persistent buffer that ``state_dict`` does not carry) of
+    every RepBlock whose :func:`structure` record has an ``attach_rate``, nested ones included.
+
+    Args:
+        model: a model with the recorded structure (after :func:`apply_structure` or its method's
+            ``prepare``).
+        struct: ``{path: describe()}`` as :func:`structure` returns it.
+
+    Returns:
+        the number of blocks whose λ was set.
+
+    Raises:
+        KeyError / TypeError: a recorded path with no RepBlock in ``model``.
+    """
+    n = 0
+
+    def _set(path: str, desc: dict) -> None:
+        nonlocal n
+        if "attach_rate" in desc and desc["attach_rate"] is not None:
+            block = get_module(model, path)
+            if not isinstance(block, RepBlock):
+                raise TypeError(f"'{path}' is a {type(block).__name__}, not a RepBlock with an attach rate")
+            block.set_attach_rate(float(desc["attach_rate"]))
+            n += 1
+        for rel, sub in desc.get("nested", {}).items():
+            _set(f"{path}.{rel}", sub)
+
+    for path, desc in struct.items():
+        _set(path, desc)
+    return n

@@ -108,7 +108,7 @@ def _worker_main(spec: dict[str, Any], events: Any) -> None:
     try:
         n = work(
             spec["study_name"], spec["stores"], recipe=spec["recipe"], device=spec["device"], data_root=spec["data_root"],
-            trial_fn=spec["trial_fn"], progress=False, worker_id=wid, notify=notify,
+            trial_fn=spec["trial_fn"], progress=False, worker_id=wid, notify=notify, resume=spec.get("resume", True),
         )
         events.put((wid, "exit", {"ran": n}))
     except KeyboardInterrupt:
@@ -191,7 +191,7 @@ def run_pool(ctx: _Ctx, n: int, *, devices: Optional[list[str]] = None, trial_fn
     for p in plan:
         spec = {
             **p, "study_name": ctx.name, "stores": ctx.stores, "recipe": ctx.recipe, "data_root": ctx.data_root,
-            "trial_fn": trial_fn, "log_level": level,
+            "trial_fn": trial_fn, "log_level": level, "resume": ctx.resume,
         }
         proc = mpctx.Process(target=_worker_main, args=(spec, events), name=f"repsearch-worker-{p['worker_id']}", daemon=False)
         proc.start()

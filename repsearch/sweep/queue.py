@@ -106,6 +106,8 @@ class _Ctx:
     notify: Optional[Callable[..., None]] = None
     #: this worker's index in a pool (None: the in-process runner or ``repsearch worker``).
     worker_id: Optional[int] = None
+    #: resume a point from the checkpoint its failed or killed trial left (``--no-resume``: False).
+    resume: bool = True
 
     @property
     def grid(self) -> bool:

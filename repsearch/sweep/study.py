@@ -83,6 +83,7 @@ def prepare_study(
     trial_fn: Optional[Callable] = None,
     console: Any = None,
     progress: bool = True,
+    resume: bool = True,
 ) -> tuple[_Ctx, dict[str, Any], int]:
     """The parent's first half: create (or open) the study and, under the study lock, record the
     workers' user attributes, fail stale trials, find or create the MLflow parent run (only when
@@ -104,7 +105,7 @@ def prepare_study(
     ctx = _Ctx(
         recipe=recipe, stores=stores, name=name, storage=storage, study=study, study_id=study_id, tracker=tracker,
         parent_run_id=None, device=device, data_root=data_root, trial_fn=trial_fn or _default_trial_fn(),
-        console=console, progress=progress, rhash=rhash,
+        console=console, progress=progress, rhash=rhash, resume=resume,
     )
     with ctx.lock():
         for k, v in _study_attrs(stores, recipe, rhash).items():
@@ -137,6 +138,7 @@ def run_study(
     progress: bool = True,
     workers: Optional[int] = None,
     devices: Optional[list[str]] = None,
+    resume: bool = True,
 ) -> StudySummary:
     """Create (or resume) the recipe's study, enqueue what is missing and run it: in this process
     (one worker), or in ``workers`` worker processes (:func:`repsearch.sweep.pool.run_pool`).
@@ -154,12 +156,16 @@ def run_study(
         data_root: passed to ``trial_fn``.
         trial_fn: ``trial_fn(recipe, *, data_root, device, out_dir, on_epoch, progress)`` returning an
             object with ``final`` (dict), ``history`` (list of dicts) and ``artifacts`` (paths);
-            default :func:`repsearch.trial.run_trial`. With workers > 1 it must be picklable (a
-            module-level function).
+            default :func:`repsearch.trial.run_trial`. A trial that resumes a checkpoint also gets
+            ``resume_from`` (the file; only then, so a function without that keyword still serves
+            studies that never resume). With workers > 1 it must be picklable (a module-level function).
         console: a ``rich.console.Console`` for one line per trial (None: logging only).
         progress: progress bars (one per trial in-process; one line per worker with a pool).
         workers: overrides ``sweep.workers``.
         devices: CUDA device ids for the pool's workers (round-robin, ``CUDA_VISIBLE_DEVICES``).
+        resume: a point whose failed or killed trial left a checkpoint in the runs folder resumes
+            from it (DESIGN.md "Checkpoints and resume — contract"); False (``--no-resume``): from
+            scratch.
 
     Returns:
         :class:`StudySummary`. When nothing is left it prints
@@ -178,7 +184,7 @@ def run_study(
         raise SweepError("--devices places a pool's workers; with one worker use --device cuda:N")
     ctx, acc, to_run = prepare_study(
         recipe, recipe_path, profile, stores, device=device, data_root=data_root, trial_fn=trial_fn, console=console,
-        progress=progress,
+        progress=progress, resume=resume,
     )
     name, tracker = ctx.name, ctx.tracker
     if not to_run:

@@ -8,6 +8,17 @@ PRUNED in Optuna and a FINISHED MLflow run tagged ``pruned=true``; a KeyboardInt
 trial, marks its run KILLED and propagates. A trial that another process failed as stale while it
 ran (its heartbeat was lost) is reported and skipped, never a dead worker.
 
+Resume (DESIGN.md "Checkpoints and resume — contract"): before training, a trial looks for the
+newest FAIL trial of its slot (same point and seed) whose folder ``runs/trials/<study>/<NNNN>/
+checkpoints/`` holds a checkpoint written for the same trial recipe, and passes it to the trial
+function as ``resume_from``; it records ``resumed_from`` ("trial N epoch E", user attribute and
+MLflow tag), ``resume_checkpoint`` (the file) and ``resumed_from_run`` (the old MLflow run id, a tag
+linking the new child run to the KILLED/FAILED one, which stays as it is). The trial function replays
+the checkpoint's epochs to ``on_epoch``, so the new child run holds the whole metric history. A
+checkpoint whose resume failed with a ``CheckpointError`` is not tried again. ``ctx.resume`` False
+(``--no-resume``) starts every point from scratch. Checkpoints of a slot are removed once it is
+COMPLETE or PRUNED, and never logged as MLflow artifacts.
+
 Objectives are the final values of the objective metrics (``TrialResult.final``); a trial's
 non-numeric final facts (``TrialResult.tags``, e.g. ``precision``, ``not_learning``) are tags of its
 MLflow child run and the user attribute ``tags``. The pruner (median / hyperband) sees the objective
@@ -35,15 +46,19 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from repsearch.spec import Choices, Recipe, recipe_hash, trial_recipe
-from repsearch.sweep.plan import SweepError, _Slot, _configurations, _encode, _seeds, point_id
+from repsearch.sweep.plan import SweepError, _Slot, _configurations, _encode, _seeds, _slot_key, point_id
 from repsearch.sweep.queue import _Ctx, _enqueue, _enqueue_missing, _fail_stale, _pop_waiting, process_start_id
 from repsearch.sweep.storage import _open_study, open_storage, storage_kind
 from repsearch.tracking import Stores, Tracker, flatten_params
 
 log = logging.getLogger(__name__)
+
+#: A trial folder's checkpoints (:data:`repsearch.checkpoint.DIRNAME`; that module imports torch, so
+#: it is imported where a trial runs, not here).
+CHECKPOINTS = "checkpoints"
 
 #: Seconds between polls of an empty queue while the study's trials run in other workers.
 POLL_S = 2.0
@@ -125,6 +140,70 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
+def _trial_dir(ctx: _Ctx, number: int) -> Path:
+    """``<runs>/trials/<study>/<NNNN>``: a trial's scratch folder (artifacts, checkpoints)."""
+    return ctx.stores.runs_dir / "trials" / ctx.name / f"{number:04d}"
+
+
+def _slot_failures(ctx: _Ctx, number: int, attrs: dict) -> list[FrozenTrial]:
+    """The FAIL trials of the slot of ``attrs`` (same point and seed) other than ``number``, newest
+    first; trials failed as duplicates (never run) are left out."""
+    key = _slot_key(attrs)
+    if key is None:
+        return []
+    failed = ctx.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    same = [t for t in failed if t.number != number and _slot_key(t.user_attrs) == key and "duplicate_of" not in t.user_attrs]
+    return sorted(same, key=lambda t: -t.number)
+
+
+def _resume_point(ctx: _Ctx, number: int, attrs: dict, recipe: Recipe) -> Optional[tuple[FrozenTrial, Path, int]]:
+    """``(failed trial, checkpoint file, its epoch)`` to resume trial ``number`` from: the newest
+    checkpoint of the newest FAIL trial of the same slot that holds one written for this trial
+    recipe (its hash) and whose resume has not already failed with a ``CheckpointError``; None when
+    there is none. Reads only the checkpoints' headers (memory-mapped)."""
+    from repsearch.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+
+    same = _slot_failures(ctx, number, attrs)
+    tried_bad = {
+        str(t.user_attrs["resume_checkpoint"]) for t in same
+        if t.user_attrs.get("resume_checkpoint") and str(t.user_attrs.get("error", "")).startswith("CheckpointError")
+    }
+    want = recipe_hash(recipe)
+    for t in same:
+        path = latest_checkpoint(_trial_dir(ctx, t.number) / CHECKPOINTS)
+        if path is None:
+            continue
+        if str(path) in tried_bad:
+            log.warning("trial %d: checkpoint %s failed to resume before; not used", number, path)
+            continue
+        try:
+            head = load_checkpoint(path, mmap=True)
+        except CheckpointError as exc:
+            log.warning("trial %d: %s; not used", number, exc)
+            continue
+        if head.get("meta", {}).get("recipe_hash") != want:
+            log.warning("trial %d: checkpoint %s was written for another trial recipe; not used", number, path)
+            continue
+        return t, path, int(head["epoch"])
+    return None
+
+
+def _drop_slot_checkpoints(ctx: _Ctx, number: int, attrs: dict) -> None:
+    """Remove the checkpoints of trial ``number`` and of its slot's failed trials (the slot is done:
+    nothing will resume them), and their folders when nothing else is left in them."""
+    from repsearch.checkpoint import remove_checkpoints
+
+    for n in [number] + [t.number for t in _slot_failures(ctx, number, attrs)]:
+        folder = _trial_dir(ctx, n)
+        if (folder / CHECKPOINTS).exists():
+            remove_checkpoints(folder / CHECKPOINTS)
+            for parent in (folder, folder.parent, folder.parent.parent):
+                try:
+                    parent.rmdir()  # only when empty
+                except OSError:
+                    break
+
+
 def _run_one(ctx: _Ctx, trial_id: int) -> tuple[str, Optional[str]]:
     """Run one popped trial end to end; returns (final state name, error line or None)."""
     study, tracker = ctx.study, ctx.tracker
@@ -139,7 +218,7 @@ def _run_one(ctx: _Ctx, trial_id: int) -> tuple[str, Optional[str]]:
     ):
         trial.set_user_attr(k, v)
     run_id: Optional[str] = None
-    out_dir = ctx.stores.runs_dir / "trials" / ctx.name / f"{trial.number:04d}"
+    out_dir = _trial_dir(ctx, trial.number)
     t0 = time.perf_counter()
     last_epoch = [0]
     seed = int(attrs["seed"])
@@ -183,6 +262,18 @@ def _run_one(ctx: _Ctx, trial_id: int) -> tuple[str, Optional[str]]:
             recipe = trial_recipe(ctx.recipe, overrides, seed)
             if tracker is not None:
                 tracker.log_params(run_id, flatten_params(recipe.model_dump(mode="json", exclude={"sweep", "profiles", "tracking"})))
+            # -- resume from the checkpoint a failed or killed trial of this slot left ----------
+            resume = _resume_point(ctx, trial.number, attrs, recipe) if ctx.resume else None
+            extra: dict[str, Any] = {}
+            if resume is not None:
+                prev, path, epoch = resume
+                text = f"trial {prev.number} epoch {epoch}"
+                trial.set_user_attr("resumed_from", text)
+                trial.set_user_attr("resume_checkpoint", str(path))
+                if tracker is not None:
+                    tracker.set_tags(run_id, {"resumed_from": text, "resumed_from_run": prev.user_attrs.get("mlflow_run_id", "unknown")})
+                ctx.say(f"{label}: resumed from {text}")
+                extra["resume_from"] = path
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 last_epoch[0] = epoch
@@ -199,7 +290,8 @@ def _run_one(ctx: _Ctx, trial_id: int) -> tuple[str, Optional[str]]:
                         raise optuna.TrialPruned(f"pruned at epoch {epoch}: {key} {value:.4g}")
 
             result = ctx.trial_fn(
-                recipe, data_root=ctx.data_root, device=ctx.device, out_dir=out_dir, on_epoch=on_epoch, progress=ctx.progress
+                recipe, data_root=ctx.data_root, device=ctx.device, out_dir=out_dir, on_epoch=on_epoch, progress=ctx.progress,
+                **extra,
             )
             final = {k: float(v) for k, v in dict(result.final).items() if _is_number(v)}
             tags = {str(k): str(v) for k, v in dict(getattr(result, "tags", None) or {}).items()}
@@ -223,6 +315,7 @@ def _run_one(ctx: _Ctx, trial_id: int) -> tuple[str, Optional[str]]:
                 tracker.log_artifacts(run_id, list(result.artifacts or []))
                 tracker.finish_trial(run_id, status="FINISHED")
             _tell(ctx, trial, values=values if len(values) > 1 else values[0])
+            _quietly(_drop_slot_checkpoints, ctx, trial.number, attrs)
             if tracker is not None and out_dir.is_dir():
                 shutil.rmtree(out_dir, ignore_errors=True)  # logged to MLflow; no second copy
                 for parent in (out_dir.parent, out_dir.parent.parent):
@@ -239,6 +332,7 @@ def _run_one(ctx: _Ctx, trial_id: int) -> tuple[str, Optional[str]]:
             if tracker is not None and run_id is not None:
                 _quietly(tracker.finish_trial, run_id, status="FINISHED", tags={"pruned": "true", "pruned_at_epoch": last_epoch[0]})
             _tell(ctx, trial, state=TrialState.PRUNED)
+            _quietly(_drop_slot_checkpoints, ctx, trial.number, attrs)
             ctx.say(f"trial {trial.number}: {point} seed {seed}: {exc}")
             _notify(ctx, "end", trial=trial.number, state="PRUNED", text=str(exc))
             return "PRUNED", None
@@ -256,8 +350,8 @@ def _run_one(ctx: _Ctx, trial_id: int) -> tuple[str, Optional[str]]:
             log.debug("trial %d failed:\n%s", trial.number, tb)
             _quietly(trial.set_user_attr, "error", line)
             if tracker is not None and run_id is not None:
-                if out_dir.is_dir():
-                    _quietly(tracker.log_artifacts, run_id, sorted(out_dir.iterdir()))
+                if out_dir.is_dir():  # what the trial wrote, for the post-mortem (checkpoints stay for a resume)
+                    _quietly(tracker.log_artifacts, run_id, sorted(p for p in out_dir.iterdir() if p.name != CHECKPOINTS))
                 _quietly(tracker.fail_trial, run_id, line, tb)
             _tell(ctx, trial, state=TrialState.FAIL)
             ctx.say(f"trial {trial.number}: {point} seed {seed} FAILED: {line}", style="red")
@@ -423,6 +517,7 @@ def work(
     worker_id: Optional[int] = None,
     notify: Optional[Callable[..., None]] = None,
     poll_s: Optional[float] = None,
+    resume: bool = True,
 ) -> int:
     """A worker (``repsearch worker``, a process of ``repsearch run --workers N``, or a test): pop
     WAITING trials of an existing study and run them until none is left and none runs elsewhere.
@@ -438,6 +533,8 @@ def work(
             (a process pool's progress display); with it, ``console`` is not used.
         poll_s: seconds between polls of an empty queue while trials run elsewhere (default
             :data:`POLL_S`).
+        resume: resume a point from the checkpoint its failed or killed trial left in this runs
+            folder (False: ``--no-resume``, from scratch).
 
     Returns:
         The number of trials run here.
@@ -467,6 +564,6 @@ def work(
         recipe=recipe, stores=stores, name=study_name, storage=st, study=study, study_id=study_id, tracker=tracker,
         parent_run_id=parent, device=device, data_root=data_root, trial_fn=trial_fn or _default_trial_fn(),
         console=console, progress=progress, rhash=attrs.get("recipe_hash", recipe_hash(recipe)),
-        notify=notify, worker_id=worker_id,
+        notify=notify, worker_id=worker_id, resume=resume,
     )
     return len(_work_loop(ctx, max_trials, POLL_S if poll_s is None else poll_s))
