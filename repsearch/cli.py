@@ -106,22 +106,87 @@ def main(verbose: int) -> None:
 @click.option("--workers", "-w", type=int, default=None, help="Worker processes running trials in parallel (> sweep.workers; default 1: in this process).")
 @click.option("--devices", default=None, metavar="0,1,...", help="CUDA devices for the workers, round-robin (default: every visible GPU).")
 @click.option("--no-resume", is_flag=True, help="Start every point from scratch, even where a failed or killed trial left a checkpoint.")
+@click.option("--nproc-per-node", type=int, default=None, help="Train every trial with DDP on this many processes (torchrun; one per GPU, or gloo on CPU). train.batch_size is the global batch.")
 @user_errors
-def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, device, no_progress, no_deps, workers, devices, no_resume):
+def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, device, no_progress, no_deps, workers, devices, no_resume,
+        nproc_per_node):
     """Run RECIPE: every sweep point (or the single configuration) not yet complete, then print the
     comparison table. With --workers N, N processes pop the study's trials in parallel (one per GPU
-    on CUDA; on CPU the cores are shared out). A point whose trial failed or was killed resumes from
-    the last checkpoint that trial left (--no-resume: from scratch)."""
+    on CUDA; on CPU the cores are shared out). With --nproc-per-node N every trial trains on N DDP
+    processes (this command re-runs itself under torchrun; a recipe with train.distributed: ddp
+    started by torchrun or srun does the same). A point whose trial failed or was killed resumes
+    from the last checkpoint that trial left (--no-resume: from scratch)."""
+    from repsearch import distributed
+
+    rec, _ = _load(recipe, profile, sets)
+    if nproc_per_node is not None and distributed.env_world() is None:
+        _launch_torchrun(rec, nproc_per_node, workers)  # exits with torchrun's status
+    device = _check_device(device or _default_device())
+    dist = None
+    if distributed.wanted(rec.train.distributed):
+        if (workers or rec.sweep.workers or 1) > 1:
+            raise UserError("--workers N and DDP trials do not combine: run one DDP command per GPU group")
+        try:
+            dist = distributed.init(cuda=device.startswith("cuda"))
+        except distributed.DistributedError as exc:
+            raise UserError(str(exc)) from None
+        device = dist.device(device)
+        if not dist.is_main:  # a follower: trains what rank 0 broadcasts, talks to no store
+            try:
+                distributed.follow(dist, _scratch(runs_dir), device)
+            finally:
+                distributed.shutdown()
+            return
+    try:
+        _run_main(rec, recipe, profile, data_root, runs_dir, tracking_uri, storage, device, no_progress, no_deps,
+                  workers, devices, no_resume, dist)
+    finally:
+        distributed.stop_followers(dist)
+        distributed.shutdown()
+
+
+def _scratch(runs_dir: Optional[str]) -> str:
+    """A DDP follower's scratch folder for its trials' files (removed after each trial)."""
+    path = Path(runs_dir or "runs") / "ddp-scratch"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _launch_torchrun(rec, nproc: int, workers: Optional[int]) -> None:
+    """Re-run this command under torchrun with ``nproc`` processes (``--nproc-per-node`` removed,
+    DDP forced on) and exit with its status."""
+    import subprocess
+
+    from repsearch import distributed
+
+    if nproc < 1:
+        raise UserError(f"--nproc-per-node must be >= 1, got {nproc}")
+    if (workers or rec.sweep.workers or 1) > 1:
+        raise UserError("--workers N and --nproc-per-node do not combine: one DDP command per GPU group")
+    if rec.train.batch_size % nproc:
+        raise UserError(f"train.batch_size {rec.train.batch_size} (the global batch) is not divisible by --nproc-per-node {nproc}")
+    argv = distributed.strip_option(sys.argv[1:], "--nproc-per-node")
+    env = dict(os.environ, **{distributed.FORCE_ENV: "1"})
+    sys.exit(subprocess.call(distributed.torchrun_argv(nproc, argv), env=env))
+
+
+def _run_main(rec, recipe, profile, data_root, runs_dir, tracking_uri, storage, device, no_progress, no_deps, workers,
+              devices, no_resume, dist) -> None:
+    """``repsearch run`` in one process, or on rank 0 of a DDP group (``dist``)."""
     from rich.console import Console
 
+    from repsearch import distributed
     from repsearch.data import find_layout, resolve_data_root
-    from repsearch.report import comparison_table
     from repsearch.dependencies import resolve_dependencies
+    from repsearch.report import comparison_table
     from repsearch.sweep import run_study
     from repsearch.tracking import resolve_stores
 
-    rec, _ = _load(recipe, profile, sets)
-    device = _check_device(device or _default_device())
+    extra = {}
+    if dist is not None:
+        from repsearch.trial import run_trial
+
+        extra["trial_fn"] = distributed.leader_trial_fn(run_trial, dist)
     root = resolve_data_root(data_root, rec.data.root)
     if not rec.data.download:
         find_layout(root, rec.data.dataset, rec.data.format)
@@ -132,11 +197,11 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
     rec = resolve_dependencies(
         rec, recipe, stores, run_missing=not no_deps,
         say=lambda line: console.print(line, markup=False, highlight=False),
-        device=device, data_root=str(root), console=console, progress=not no_progress, resume=not no_resume,
+        device=device, data_root=str(root), console=console, progress=not no_progress, resume=not no_resume, **extra,
     )
     summary = run_study(
         rec, recipe, profile, stores, device=device, data_root=str(root), console=console, progress=not no_progress,
-        workers=workers, devices=_device_list(devices), resume=not no_resume,
+        workers=workers, devices=_device_list(devices), resume=not no_resume, **extra,
     )
     if summary.rows:
         console.print(comparison_table(summary.rows, title=summary.study_name))

@@ -45,6 +45,7 @@ that holds the data (the whole uint8 dataset lives on the GPU on CUDA).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -624,6 +625,11 @@ class DeviceLoader:
         resized_crop: training batches use torchvision's ``RandomResizedCrop(C, scale=RRC_SCALE,
             ratio=RRC_RATIO)`` box sampling (10 tries per image, then the whole image), resampled
             bilinearly (``F.grid_sample``, ``align_corners=False``), instead of pad + crop.
+        rank, world_size: DDP sharding (:mod:`repsearch.distributed`): ``batch_size`` is the
+            global batch and rank ``r`` yields rows ``[r * b, (r + 1) * b)`` of every global batch
+            (``b = batch_size / world_size``; the last, partial evaluation batch is split in
+            ``world_size`` near-equal parts, possibly empty), of the same permutation and
+            augmentation draws as one process would use. :meth:`unsharded` gives the whole batches.
 
     Iterating yields ``(images, labels)``: float32 ``(B, 3, C, C)`` normalised, int64 ``(B,)``.
     ``len(loader)`` is the number of batches per epoch. Call :meth:`set_epoch` at the start of
@@ -631,7 +637,8 @@ class DeviceLoader:
     one. :meth:`batches` iterates a given epoch without touching the counter (for probes).
 
     Raises:
-        ValueError: bad shapes, dtype or batch size (programming errors).
+        ValueError: bad shapes, dtype or batch size, a training batch that ``world_size`` does not
+            divide, a rank outside ``[0, world_size)`` (programming errors).
     Source: He et al. 2016 Sec. 4.2 (pad 4, crop, flip); DeVries & Taylor 2017 (Cutout);
     torchvision ``RandomResizedCrop`` / ``CenterCrop`` (ImageNet reference recipe).
     """
@@ -654,6 +661,8 @@ class DeviceLoader:
         channels_last: bool = False,
         crop: int | None = None,
         resized_crop: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         device = torch.device(device)
         x = torch.as_tensor(images)
@@ -697,6 +706,11 @@ class DeviceLoader:
         self.resized_crop = bool(resized_crop)
         self.num_samples = int(x.shape[0])
         self.epoch = 0
+        if not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        if self.train and self.batch_size % int(world_size):
+            raise ValueError(f"the global batch {batch_size} is not divisible by {world_size} ranks")
+        self.rank, self.world_size = int(rank), int(world_size)
         mean_t = torch.tensor(mean, dtype=torch.float32)
         std_t = torch.tensor(std, dtype=torch.float32)
         # x_norm = (x / 255 - mean) / std = x * scale + shift, channels last: shape (3,)
@@ -711,6 +725,26 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch whose shuffle/augmentation the next ``iter()`` uses."""
         self.epoch = int(epoch)
+
+    def unsharded(self) -> "DeviceLoader":
+        """A view of this loader (same tensors, seed and epoch counter value) that yields the whole
+        global batches, as rank 0 of a one-process run would; ``self`` when not sharded."""
+        if self.world_size == 1:
+            return self
+        view = copy.copy(self)
+        view.rank, view.world_size = 0, 1
+        return view
+
+    def _shard(self, lo: int, hi: int) -> tuple[int, int]:
+        """This rank's rows ``[lo', hi')`` of the global batch ``[lo, hi)``."""
+        if self.world_size == 1:
+            return lo, hi
+        n = hi - lo
+        if n == self.batch_size and n % self.world_size == 0:
+            per = n // self.world_size
+            return lo + self.rank * per, lo + (self.rank + 1) * per
+        bounds = [lo + (n * r) // self.world_size for r in range(self.world_size + 1)]
+        return bounds[self.rank], bounds[self.rank + 1]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch
@@ -767,7 +801,9 @@ class DeviceLoader:
         epoch = self.epoch if epoch is None else int(epoch)
         perm, draws = self._plan(epoch)
         for b in range(len(self)):
-            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)
+            lo, hi = self._shard(b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples))
+            if hi <= lo:
+                continue  # a rank's empty share of the last partial evaluation batch
             if perm is None:
                 x = self.images[lo:hi]
                 h, w = x.shape[1:3]
@@ -909,6 +945,8 @@ def build_data(
     channels_last: bool = False,
     image_size: int | None = None,
     augment: str = "cifar",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataBundle:
     """Decode (or load from cache), split and wrap a dataset in device-resident loaders.
 
@@ -927,6 +965,8 @@ def build_data(
         device: where the uint8 data lives and batches are made.
         seed: the trial seed (shuffling and augmentation only; never the split).
         channels_last: yield ``torch.channels_last`` batches.
+        rank, world_size: DDP sharding of the training, validation and test batches
+            (:class:`DeviceLoader`); ``batch_size`` and ``eval_batch_size`` stay global.
     Returns:
         :class:`DataBundle`.
     Raises:
@@ -947,13 +987,16 @@ def build_data(
         data.train_y, data.test_y, val_size=val_size, split_seed=split_seed,
         train_subset=train_subset, test_subset=test_subset,
     )
+    if int(batch_size) % int(world_size):
+        raise DataError(f"train.batch_size {batch_size} (the global batch) is not divisible by the {world_size} DDP ranks")
     if len(train_idx) < int(batch_size):
         raise DataError(
             f"the training split has {len(train_idx)} images, fewer than one batch of {batch_size} "
             "(lower train.batch_size or raise data.train_subset)"
         )
     eval_bs = int(eval_batch_size or batch_size)
-    common = dict(mean=data.mean, std=data.std, device=device, channels_last=channels_last, crop=crop)
+    common = dict(mean=data.mean, std=data.std, device=device, channels_last=channels_last, crop=crop,
+                  rank=int(rank), world_size=int(world_size))
     train = DeviceLoader(
         data.train_x[train_idx], data.train_y[train_idx], int(batch_size),
         train=True, seed=seed, cutout=int(cutout), resized_crop=augment == "imagenet", **common,

@@ -543,6 +543,18 @@ class SaliencyAccumulator:
         avg = (self._sum / self._count.clamp_min(1.0)).cpu().tolist()
         return {m: dict(zip(self._paths, avg[r])) for r, m in enumerate(self.metrics)}
 
+    def all_reduce(self) -> None:
+        """DDP: sum ``sum`` and the step count over every rank of the default process group (one
+        collective on the concatenated tensor), so :meth:`averages` is the mean over all ranks'
+        steps on every rank. Source: the official DyRep code all-reduces every conv's score at every
+        step; once per adjustment gives the same averages."""
+        import torch.distributed as tdist
+
+        flat = torch.cat([self._sum.reshape(-1), self._count.reshape(1)])
+        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        self._sum.copy_(flat[:-1].view_as(self._sum))
+        self._count.copy_(flat[-1])
+
     def n_counted(self) -> int:
         """Number of steps added to the sums since the last reset (host sync; for logs)."""
         return int(round(float(self._count.cpu())))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from repsearch import distributed
 from repsearch.checkpoint import CheckpointError, Checkpointer, model_record, rng_state, set_rng_state
 from repsearch.measures import RunningAverage, check_measures, count_macs, count_params, peak_memory_mb, reset_peak_memory
 from repsearch.methods.base import EpochChanges, Method
@@ -102,11 +103,14 @@ def autocast_for(device: torch.device, amp: bool):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool = False) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool = False,
+             dist: Optional["distributed.DistContext"] = None) -> tuple[float, float]:
     """Mean cross-entropy and top-1 (percent) of ``model`` in eval mode over ``loader``.
 
     ``loader`` yields ``(images (B, 3, H, W) float, labels (B,) int64)`` already on ``device``.
-    One host sync at the end. Restores the model's previous train/eval mode.
+    One host sync at the end. Restores the model's previous train/eval mode. With ``dist`` (DDP)
+    ``loader`` is this rank's shard and the sums (loss, correct, images) are all-reduced once, so
+    every rank returns the figures of the whole split.
     """
     was_training = model.training
     model.eval()
@@ -120,9 +124,10 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool
             correct += (logits.argmax(1) == labels).sum()
             n += labels.shape[0]
     model.train(was_training)
+    sums = torch.stack([loss_sum, correct.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
+    loss, corr, n = distributed.all_reduce_sum(sums, dist).tolist()
     if n == 0:
         return float("nan"), float("nan")
-    loss, corr = torch.stack([loss_sum, correct.double()]).tolist()
     return loss / n, 100.0 * corr / n
 
 
@@ -142,6 +147,12 @@ class Trainer:
         checkpointer: a :class:`repsearch.checkpoint.Checkpointer`: at the end of an epoch it says is
             due (after the epoch's measures are complete, before ``on_epoch``) the trainer writes
             :meth:`checkpoint_state`; None = no checkpoints.
+        dist: the trial's DDP process group (:mod:`repsearch.distributed`), or None. Then the loaders
+            are this rank's shards, the training forward runs through a
+            :class:`~torch.nn.parallel.DistributedDataParallel` wrapper rebuilt after every structure
+            change, the epoch's sums are all-reduced once, rank 0's BN statistics are broadcast before
+            evaluation, ``on_epoch_end`` gets the unsharded training batches and the structures are
+            compared across ranks after every change. Every rank computes the same measures.
 
     Resuming: build the Trainer on the restored model and method (:func:`repsearch.checkpoint.restore_model`,
     ``Method.load_state_dict``), call :meth:`load_state_dict` with the checkpoint's ``trainer`` part,
@@ -167,9 +178,13 @@ class Trainer:
         on_epoch: Optional[Callable[[int, dict], None]] = None,
         on_step: Optional[Callable[[int, int], None]] = None,
         checkpointer: Optional[Checkpointer] = None,
+        dist: Optional["distributed.DistContext"] = None,
     ):
         self.model = model
         self.method = method
+        self.dist = dist
+        method.dist = dist
+        self.net: nn.Module = model  # what the training steps call: the model, or its DDP wrapper
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.spec = train_spec
@@ -199,6 +214,9 @@ class Trainer:
         list the parameters to clip and measure MACs/params/branches of the current structure."""
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if self.dist is not None:  # a new wrapper for the new parameters; it broadcasts rank 0's weights
+            self.net = None  # the old wrapper's reducer (and its autograd hooks) goes first
+            self.net = distributed.wrap(self.model, self.dist, self.device)
         self._clip_params = [p for p in self.model.parameters() if p.requires_grad] if self.grad_clip else []
         side = int(getattr(self.train_loader, "crop", 32))  # the batches' side (data.image_size)
         self.flops_m = count_macs(self.model, (1, 3, side, side)) / 1e6
@@ -224,9 +242,10 @@ class Trainer:
         clip, clip_params = self.grad_clip, self._clip_params
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)  # shuffle/augmentation draws keyed by (seed, epoch)
+        net = self.net
         for i, (images, labels) in enumerate(self.train_loader):
             with autocast_for(self.device, amp):
-                logits = model(images)
+                logits = net(images)
                 loss = method.loss(logits.float(), labels, images)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -244,8 +263,9 @@ class Trainer:
                 self.on_step(epoch, i + 1)
         if n == 0:
             raise RuntimeError("the training loader yielded no batch (train_subset smaller than batch_size?)")
-        total_loss, total_correct = torch.stack([loss_sum.double(), correct.double()]).tolist()
-        return total_loss / n, 100.0 * total_correct / n, n, lr
+        sums = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+        total_loss, total_correct, n_all = distributed.all_reduce_sum(sums, self.dist).tolist()
+        return total_loss / n_all, 100.0 * total_correct / n_all, int(n_all), lr
 
     def fit(self, stop_after: Optional[int] = None) -> list[dict[str, float]]:
         """Run the epochs after the last one run (all of them from a fresh trainer), on the schedule of
@@ -278,7 +298,8 @@ class Trainer:
         flops_m, params_m, n_branches = self.flops_m, self.params_m, self.n_branches
         self.avg_flops.update(flops_m)
         self.avg_params.update(params_m)
-        val_loss, val_top1 = evaluate(self.model, self.val_loader, self.device, self.spec.amp)
+        distributed.broadcast_buffers(self.model, self.dist)  # DDP: rank 0's BN statistics everywhere
+        val_loss, val_top1 = evaluate(self.model, self.val_loader, self.device, self.spec.amp, self.dist)
         m = {
             "train/loss": train_loss,
             "train/top1": train_top1,
@@ -292,13 +313,18 @@ class Trainer:
             "avg_params_m": self.avg_params.mean,
             "n_branches": float(n_branches),
         }
-        changes = method.on_epoch_end(self.model, epoch, self.train_loader, dict(m))
+        loader = self.train_loader
+        if self.dist is not None:
+            method.distributed_sync(self.model, epoch)
+            loader = loader.unsharded()  # every rank decides on the same (global) batches
+        changes = method.on_epoch_end(self.model, epoch, loader, dict(m))
         if not isinstance(changes, EpochChanges):
             raise TypeError(f"method {method.name}: on_epoch_end must return EpochChanges, got {type(changes).__name__}")
         if changes:
             counts = method.sync_optimizer(self.optimizer, self.model, changes)
             log.debug("epoch %d: optimizer synced after %s: %s", epoch, changes, counts)
             if changes.structure_changed:
+                distributed.check_same_structure(self.model, self.dist, epoch)
                 self._structure_changed()
         extra = method.epoch_measures(epoch)
         check_measures(extra, "epoch", f"method {method.name}")

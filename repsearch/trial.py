@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from repsearch import distributed
 from repsearch.checkpoint import DIRNAME, CheckpointError, Checkpointer, load_checkpoint, resolve_every, restore_model
 from repsearch.data import build_data, resolve_data_root
 from repsearch.measures import check_measures, count_macs, count_params
@@ -173,6 +174,13 @@ def run_trial(
     is added to the method's events, and the remaining epochs train. With ``train.deterministic`` on
     CPU the result equals the uninterrupted trial's bit for bit (timing measures aside).
 
+    DDP (:mod:`repsearch.distributed`): in a process that joined a process group, every rank calls
+    this with the same recipe; the loaders are sharded (``train.batch_size`` is the global batch),
+    the device is the rank's own (``cuda:<local rank>`` or ``cpu``), and only rank 0 reports epochs,
+    writes checkpoints, deploys, checks, evaluates the test split and writes artifacts; the other
+    ranks return after training with ``final`` = the last epoch's measures and no artifacts. The tag
+    ``distributed`` states the ranks and the effective batch (per-rank x ranks).
+
     Args:
         recipe: a trial's recipe (no sweep applied any more; ``recipe.seed`` is the trial's seed).
         data_root: ``--data-root`` (or None: ``REPSEARCH_DATA``, then ``data.root``).
@@ -193,9 +201,15 @@ def run_trial(
         DeployMismatch: deployed outputs differ beyond the tolerance (a bug; the figures are in the message).
         repsearch.quantize.QuantizeError: ``quantize.mode: ptq`` without torchao (before training) or
             with a deployed model that torch.export / the x86 quantizer cannot handle.
+        repsearch.distributed.DistributedError: DDP ranks whose structures differ after a change.
     """
+    dist = distributed.current()
+    if dist is not None:
+        device = dist.device(device)
+    elif recipe.train.distributed == "ddp" and distributed.env_world() is None:
+        log.info("train.distributed: ddp outside torchrun/srun: the trial trains in this one process")
     with tf32_scope(recipe.train.tf32):
-        return _run_trial(recipe, data_root, torch.device(device), Path(out_dir), on_epoch, progress, method, resume_from)
+        return _run_trial(recipe, data_root, torch.device(device), Path(out_dir), on_epoch, progress, method, resume_from, dist)
 
 
 def _read_resume(path: Path, recipe: Recipe) -> dict:
@@ -213,7 +227,7 @@ def _from_trial(path: Path) -> Optional[int]:
     return int(name) if path.parent.name == DIRNAME and name.isdigit() else None
 
 
-def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method, resume_from=None) -> TrialResult:
+def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method, resume_from=None, dist=None) -> TrialResult:
     if recipe.quantize.mode == "ptq":
         require_torchao()  # fail before training, not after it
     ckpt = _read_resume(Path(resume_from), recipe) if resume_from is not None else None
@@ -238,7 +252,14 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method, resu
         device=str(dev),
         seed=recipe.seed,
         channels_last=recipe.train.channels_last and dev.type == "cuda",
+        rank=dist.rank if dist is not None else 0,
+        world_size=dist.world_size if dist is not None else 1,
     )
+    main = dist is None or dist.is_main
+    if dist is not None:
+        log.info("%s", dist.describe(recipe.train.batch_size))
+    if not main:
+        on_epoch, progress = None, False
     kwargs = model_kwargs(recipe.model.name, data.num_classes, recipe.model.width, **recipe.model.options)
     model = build_model(recipe.model.name, **kwargs).to(dev)
     if recipe.model.init_from and ckpt is None:  # -- model.init_from (RepAn issue): a finished run's weights --
@@ -257,7 +278,7 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method, resu
             {"epoch": resumed_epoch, "kind": "resume", "checkpoint": str(resume_from), "from_trial": _from_trial(Path(resume_from))}
         )
         log.info("resuming from %s (epoch %d)", resume_from, resumed_epoch)
-    checkpointer = Checkpointer(out_dir / DIRNAME, resolve_every(recipe.train), meta={"recipe_hash": recipe_hash(recipe)})
+    checkpointer = Checkpointer(out_dir / DIRNAME, resolve_every(recipe.train), meta={"recipe_hash": recipe_hash(recipe)}) if main else None
 
     bar = _ProgressBar(recipe.train.epochs, len(data.train)) if progress else None
     t_start = time.perf_counter()
@@ -278,6 +299,7 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method, resu
         on_epoch=epoch_cb,
         on_step=bar.step if bar is not None else None,
         checkpointer=checkpointer,
+        dist=dist,
     )
     try:
         if ckpt is not None:
@@ -292,6 +314,10 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method, resu
     finally:
         if bar is not None:
             bar.close()
+    dist_tag = "none" if dist is None else dist.describe(recipe.train.batch_size)
+    if not main:  # rank 0 deploys, checks, evaluates the test split and writes the artifacts
+        return TrialResult(final=dict(history[-1]), history=history, events=list(method.events),
+                           tags={"distributed": dist_tag}, resumed_epoch=resumed_epoch)
 
     # -- deploy, save, reload strictly, check equivalence on the validation split ----------
     deployed = method.deploy(model)
@@ -313,6 +339,7 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method, resu
     final["deploy/params_m"] = count_params(plain) / 1e6
     final["trial_time_s"] = time.perf_counter() - t_start
     numbers, tags = trainer.final_measures()
+    tags["distributed"] = dist_tag
     final.update(numbers)
     for k, v in method.final_measures().items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -351,7 +378,8 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method, resu
             f"deployed model differs from the training-time model: max abs err {check['deploy/max_abs_err']:.3g}, "
             f"relative {check['deploy/rel_err']:.3g} > {TOLERANCE:g}"
         )
-    checkpointer.clear()  # the trial finished: nothing to resume
+    if checkpointer is not None:
+        checkpointer.clear()  # the trial finished: nothing to resume
     return TrialResult(final=final, history=history, artifacts=artifacts, events=list(method.events), tags=tags,
                        resumed_epoch=resumed_epoch)
 

@@ -13,6 +13,7 @@ Methods never own the loop: :class:`repsearch.train.Trainer` calls these hooks, 
             loss.backward(); method.after_backward(model, step)   # saliency scores, Grad Mult
             clip (train.grad_clip); optimizer.step(); scheduler.step()
         measures = validation + the epoch's cost measures
+        method.distributed_sync(model, epoch)              # DDP only: e.g. all-reduce the scores
         changes = method.on_epoch_end(model, epoch, loader, measures)   # Rep / Dep / re-expand
         method.sync_optimizer(optimizer, model, changes)   # only when something changed
         measures |= method.epoch_measures(epoch)           # names from repsearch.measures
@@ -139,6 +140,9 @@ class Method:
         self.label_smoothing = float(label_smoothing)
         self.seed = int(seed)
         self.events: list[dict] = []
+        #: the trial's DDP process group (:class:`repsearch.distributed.DistContext`), set by the
+        #: Trainer; None when the trial trains in one process.
+        self.dist: Any = None
 
     # -- structure -------------------------------------------------------------------------
     def prepare(self, model: nn.Module, loader: Iterable) -> nn.Module:
@@ -230,6 +234,21 @@ class Method:
     def after_backward(self, model: nn.Module, step: int) -> None:
         """Called after ``loss.backward()`` and before gradient clipping and ``optimizer.step()``
         (step counts from 0 over the whole run). Must not synchronise with the host."""
+
+    # -- DDP (repsearch.distributed) ---------------------------------------------------------
+    def distributed_sync(self, model: nn.Module, epoch: int) -> None:
+        """Called on every rank of a DDP trial right before :meth:`on_epoch_end` of ``epoch``: make
+        the state a decision reads the same on every rank, with as few collectives as possible
+        (DyRep: its saliency sums, all-reduced once per adjustment). Default: nothing (a method
+        whose decisions read only parameters, identical on every rank under DDP)."""
+
+    def agree(self, decision: Any) -> Any:
+        """Rank 0's ``decision`` (any picklable value) on every rank of a DDP trial, so that every
+        rank applies the same structure change; ``decision`` itself in one process. Every rank must
+        call it at the same point (a collective)."""
+        from repsearch.distributed import broadcast_object
+
+        return broadcast_object(decision, self.dist)
 
     # -- measures, artifacts, state -------------------------------------------------------------
     def epoch_measures(self, epoch: int) -> dict[str, float]:

@@ -181,6 +181,13 @@ class DyRep(Method):
             self._reset_scores(model)
         return model
 
+    def distributed_sync(self, model: nn.Module, epoch: int) -> None:
+        """DDP: at an adjustment epoch only, sum the saliency accumulator over ranks (one
+        all-reduce; the averages are then over every rank's steps). Scores read the DDP-averaged
+        gradients, so they already agree up to rounding; the sum makes them agree exactly."""
+        if self.dist is not None and self.adjusts_at(epoch) and self.accumulator is not None:
+            self.accumulator.all_reduce()
+
     def after_backward(self, model: nn.Module, step: int) -> None:
         if self.accumulator is not None and self.accumulator.metrics:
             self.accumulator.step()
@@ -233,6 +240,7 @@ class DyRep(Method):
             spec.scoring, self.accumulator, model, ops, probe_batches, self._probe_loss, self.generator,
             voters=spec.voters,
         )
+        best = self.agree(best)  # DDP: rank 0 decides (scores equal up to rounding on every rank)
         conv = ops[best]
         device, dtype = conv.weight.device, conv.weight.dtype
         with torch.no_grad():
