@@ -173,6 +173,11 @@ class TrainSpec(_Spec):
     autocast on CUDA; ``tf32`` = TF32 convolutions and matmuls on CUDA (default false: exact fp32,
     as the papers' V100 runs); a method that scores fp32 gradients (``fp32_gradients``) turns both
     off for those epochs whatever these fields say. ``channels_last`` applies on CUDA only.
+
+    ``compile`` (a speed option, out of the study hash): ``off`` (eager) or a ``torch.compile`` mode
+    (``default``, ``reduce-overhead`` = CUDA graphs on CUDA, ``max-autotune``) for the training
+    forward only, rebuilt after every structure change; evaluation stays eager
+    (:mod:`repsearch.compile`; measures ``compile_count``, ``compile_s``, ``compile_recompiles``).
     """
 
     epochs: PositiveInt = 600
@@ -195,6 +200,7 @@ class TrainSpec(_Spec):
     channels_last: bool = True
     deterministic: bool = False
     checkpoint_every: Optional[NonNegativeInt] = None
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
@@ -701,7 +707,7 @@ def trial_recipe(recipe: Recipe, overrides: dict[str, Any], seed: int) -> Recipe
 
 _HASH_EXCLUDE = (
     "sweep.n_trials", "sweep.seeds", "sweep.workers", "tracking", "data.root", "profiles", "description",
-    "train.checkpoint_every",
+    "train.checkpoint_every", "train.compile",
 )
 
 
@@ -749,7 +755,7 @@ def hashed_recipe(recipe: Recipe) -> dict:
     """What the study hash covers: the resolved recipe without the fields equal to their defaults
     (so a release that adds a field with a default renames no study) and without what does not
     change results (:data:`_HASH_EXCLUDE`: n_trials, seeds, workers, tracking, data.root, profiles,
-    description, train.checkpoint_every). DESIGN.md "Sweeps — contract"."""
+    description, train.checkpoint_every, train.compile). DESIGN.md "Sweeps — contract"."""
     d = _non_defaults(recipe)
     for path in _HASH_EXCLUDE:
         parts = path.split(".")
