@@ -8,16 +8,17 @@ stays eager, so the compiled graph never sees a train/eval flip. Only the traini
 backward hooks (``Method.after_backward`` reads ``p.grad``), clipping and the optimizer stay eager.
 
 What forces a recompile after Rep/Dep/re-expansion: dynamo keeps its compiled graphs on the CODE
-object of the frame it traced (the model class's ``forward``), shared by every wrapper and every
-instance of the class, each guarded by the module structure it was traced for. A fresh
-``torch.compile`` of the changed module therefore does not reuse a stale graph (its guards fail on
-the changed submodules), but the stale entries stay and count towards
+object of the frame it traced, each guarded by what it was traced for. ``torch.compile(module)``
+traces a code object shared by every wrapper of the module (its class's ``forward``, or torch's own
+wrapper for a torch.nn class): a fresh wrapper of the changed module does not reuse a stale graph
+(its guards fail on the changed submodules) but the stale entries stay and count towards
 ``torch._dynamo.config.recompile_limit`` (8): after 8 structure changes dynamo silently runs the
-forward eagerly. :meth:`CompiledForward.rebuild` therefore drops the wrapper and evicts the cache
-entries of the ``forward`` code of every module class of the model (before and after the change;
-``torch._dynamo.eval_frame.reset_code``), not the whole process's caches. Entries of dynamo's
-generated resume functions (after a graph break; the repsearch models have none) are not evicted.
-Where ``reset_code`` is missing, :func:`torch.compiler.reset` is the fallback (all caches).
+forward eagerly. So every build compiles a NEW function object with its OWN code object
+(``code.replace()``) that calls the module (dynamo inlines the module's forward into it): a build
+starts with no cache entry, the old build's graphs go with the old function, and nothing global is
+reset (no ``torch._dynamo.reset()``, other compiled models keep their graphs). A graph break inside
+the module would put entries on the module's own ``forward`` code again (the repsearch models have
+none: one graph per build, ``tests/test_compile.py``).
 
 A 0-dim buffer written in place (RepAn's attach rate λ, ``RepBlock.set_attach_rate``: ``fill_``) is a
 graph input, not a constant: changing it never recompiles (``tests/test_compile.py``).
@@ -25,14 +26,11 @@ graph input, not a constant: changing it never recompiles (``tests/test_compile.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 #: The values of ``train.compile``: ``off`` (eager) or a ``torch.compile`` mode (inductor).
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
@@ -48,34 +46,20 @@ def dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def forward_codes(module: nn.Module) -> set:
-    """The ``forward`` code objects of every module class in ``module`` (where dynamo keeps the
-    compiled graphs of the frames it traces)."""
-    codes = set()
-    for m in module.modules():
-        code = getattr(getattr(type(m), "forward", None), "__code__", None)
-        if code is not None:
-            codes.add(code)
-    return codes
+def fresh_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A new function ``x -> module(x)`` with its own code object (``__code__.replace()``), so that
+    dynamo's cache entries of a compile of it belong to it alone and are freed with it."""
 
+    def training_forward(x: torch.Tensor) -> torch.Tensor:
+        return module(x)
 
-def evict_compiled(codes) -> str:
-    """Drop dynamo's compiled graphs (cache entries) of ``codes``, every instance alike; returns
-    ``"codes"``, or ``"all"`` when this torch lacks ``torch._dynamo.eval_frame.reset_code`` and the
-    fallback :func:`torch.compiler.reset` cleared every cache of the process."""
-    try:
-        from torch._dynamo.eval_frame import reset_code
-    except ImportError:  # pragma: no cover - private API moved
-        torch.compiler.reset()
-        return "all"
-    for code in codes:
-        reset_code(code)
-    return "codes"
+    training_forward.__code__ = training_forward.__code__.replace()
+    return training_forward
 
 
 class CompiledForward:
     """The training forward of ``module``: ``module(x)`` when ``mode`` is ``off``, else through a
-    ``torch.compile(module, mode=mode)`` wrapper built at the first call after construction or
+    ``torch.compile`` wrapper (:func:`fresh_forward` of ``module``, ``mode=mode``) built at the first call after construction or
     :meth:`rebuild`.
 
     Args:
@@ -117,7 +101,6 @@ class CompiledForward:
         self.graphs = 0
         self._backend: Union[str, Callable] = "inductor"  # tests: "aot_eager" or a counting backend
         self._wrapper: Optional[Callable] = None
-        self._codes: set = set()
         self._t0: Optional[float] = None  # perf_counter at the build; None outside a first step
 
     def _build(self) -> None:
@@ -125,8 +108,7 @@ class CompiledForward:
         if self._backend == "inductor" and self.mode != "default":
             kwargs["mode"] = self.mode
         self._t0 = time.perf_counter()
-        self._codes |= forward_codes(self.module)
-        self._wrapper = torch.compile(self.module, **kwargs)
+        self._wrapper = torch.compile(fresh_forward(self.module), **kwargs)
         self.builds += 1
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,18 +138,11 @@ class CompiledForward:
         self._t0 = None
 
     def rebuild(self) -> None:
-        """After a structure change (and at the Trainer's construction): drop the wrapper and the
-        compiled graphs of the model's ``forward`` code objects (the module classes before and
-        after the change); the next call builds a fresh wrapper and compiles the new structure.
+        """After a structure change (and at the Trainer's construction): drop the wrapper (and with
+        it its compiled graphs); the next call builds a fresh one and compiles the new structure.
         No-op when compile is off."""
-        if not self.enabled:
-            return
         self._wrapper = None
         self._t0 = None
-        codes = self._codes | forward_codes(self.module)
-        if evict_compiled(codes) == "all":
-            log.info("torch._dynamo.eval_frame.reset_code is missing: every compiled graph of the process was dropped")
-        self._codes = set()
 
     def measures(self) -> dict[str, float]:
         """``compile_count``, ``compile_s``, ``compile_recompiles`` (cumulative) when compile is on;
