@@ -1,5 +1,5 @@
 """``train.compile``: the training forward through ``torch.compile``, rebuilt after every structure
-change (issue 16, "GPU speed options"; DESIGN.md "Training speed options").
+change (issue 16, "GPU speed options"; DESIGN.md "Recipes and overrides — contract", ``train.compile``).
 
 The Trainer keeps ``self.model``, the raw training-time module, for everything but the training
 forward: method hooks (saliency, probes, surgery), checkpoints, deploy and evaluation. Evaluation
@@ -15,8 +15,11 @@ wrapper for a torch.nn class): a fresh wrapper of the changed module does not re
 ``torch._dynamo.config.recompile_limit`` (8): after 8 structure changes dynamo silently runs the
 forward eagerly. So every build compiles a NEW function object with its OWN code object
 (``code.replace()``) that calls the module (dynamo inlines the module's forward into it): a build
-starts with no cache entry, the old build's graphs go with the old function, and nothing global is
-reset (no ``torch._dynamo.reset()``, other compiled models keep their graphs). A graph break inside
+starts with no cache entry, and nothing global is reset (no ``torch._dynamo.reset()``, other
+compiled models keep their graphs). The old build's cache entries are cleared explicitly
+(``torch._dynamo.eval_frame.reset_code`` on its own code object only): they form a reference cycle
+through the code object's extra slot (graph → AOT lazy-backward info → TracingContext → code) that
+the garbage collector cannot see, so without it every build's graphs would stay in memory. A graph break inside
 the module would put entries on the module's own ``forward`` code again (the repsearch models have
 none: one graph per build, ``tests/test_compile.py``).
 
@@ -38,7 +41,7 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 def dynamo_graphs() -> int:
     """Graphs dynamo has compiled in this process so far (``torch._dynamo.utils.counters["stats"]
-    ["unique_graphs"]``, present in torch 2.0 to 2.14; a python int, no device sync). Every trace
+    ["unique_graphs"]``, a torch 2.x counter, checked on 2.14; a python int, no device sync). Every trace
     that reaches the backend counts one: a build, a recompile after a guard failure, each piece of a
     graph break."""
     from torch._dynamo.utils import counters
@@ -55,6 +58,18 @@ def fresh_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
     training_forward.__code__ = training_forward.__code__.replace()
     return training_forward
+
+
+def drop_compiled(code) -> bool:
+    """Clear dynamo's cache entries (compiled graphs) of ONE code object, breaking the reference
+    cycle that keeps them alive (see the module docstring). Returns False when this torch lacks the
+    private ``torch._dynamo.eval_frame.reset_code`` (then the graphs stay until the process ends)."""
+    try:
+        from torch._dynamo.eval_frame import reset_code
+    except ImportError:  # pragma: no cover - a private API that moved
+        return False
+    reset_code(code)
+    return True
 
 
 class CompiledForward:
@@ -101,6 +116,7 @@ class CompiledForward:
         self.graphs = 0
         self._backend: Union[str, Callable] = "inductor"  # tests: "aot_eager" or a counting backend
         self._wrapper: Optional[Callable] = None
+        self._code = None  # the code object of the current build's function
         self._t0: Optional[float] = None  # perf_counter at the build; None outside a first step
 
     def _build(self) -> None:
@@ -108,7 +124,9 @@ class CompiledForward:
         if self._backend == "inductor" and self.mode != "default":
             kwargs["mode"] = self.mode
         self._t0 = time.perf_counter()
-        self._wrapper = torch.compile(fresh_forward(self.module), **kwargs)
+        fn = fresh_forward(self.module)
+        self._code = fn.__code__
+        self._wrapper = torch.compile(fn, **kwargs)
         self.builds += 1
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,10 +156,13 @@ class CompiledForward:
         self._t0 = None
 
     def rebuild(self) -> None:
-        """After a structure change (and at the Trainer's construction): drop the wrapper (and with
-        it its compiled graphs); the next call builds a fresh one and compiles the new structure.
-        No-op when compile is off."""
+        """After a structure change (and at the Trainer's construction): drop the wrapper and clear
+        its compiled graphs (:func:`drop_compiled`); the next call builds a fresh one and compiles
+        the new structure. No-op when compile is off."""
+        if self._code is not None:
+            drop_compiled(self._code)
         self._wrapper = None
+        self._code = None
         self._t0 = None
 
     def measures(self) -> dict[str, float]:
