@@ -15,7 +15,8 @@ Compile ``default`` (or any ``train.compile`` mode) runs the forward through
 :class:`repsearch.compile.CompiledForward`, as the Trainer does; "compile s" is its first step
 (compile + one step, wall seconds).
 
-    .venv/bin/python benchmarks/train_speed.py --device cpu                    # ~4 min on 2 cores
+    .venv/bin/python benchmarks/train_speed.py --device cpu     # ~12 min on 2 busy cores (DBB compile ~6)
+    .venv/bin/python benchmarks/train_speed.py --device cpu --compile off      # eager only: no compile wait
     .venv/bin/python benchmarks/train_speed.py --device cuda --max-batch --costs
 
 New rows (e.g. DDP with N processes) are a function returning the same dict as :func:`bare_cell`,
