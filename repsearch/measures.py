@@ -126,6 +126,13 @@ for _name, _unit, _desc, _obj in (
     ("lr", "1", "learning rate used by the epoch's last step (first param group)", False),
 ):
     register_measure(_name, _unit, _desc, "epoch", _obj)
+# train.compile on only (repsearch.compile): cumulative, per epoch and final
+for _name, _unit, _desc in (
+    ("compile_count", "count", "torch.compile builds of the training forward so far (the first, then one per structure change)"),
+    ("compile_s", "s", "wall time of the first training steps after the builds, summed (compile plus one step)"),
+    ("compile_recompiles", "count", "graphs dynamo compiled in other training steps (guard failures: shape, dtype, autocast)"),
+):
+    register_measure(_name, _unit, _desc, "epoch", False)
 # at the end of a trial
 for _name, _unit, _desc, _obj in (
     ("test/top1", "%", "test top-1 of the deployed model (reported, never optimised)", False),

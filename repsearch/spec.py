@@ -177,6 +177,11 @@ class TrainSpec(_Spec):
     ``distributed``: ``ddp`` = when started by torchrun or srun (2+ processes), the trial trains
     on all of them with DDP (:mod:`repsearch.distributed`); ``batch_size`` and ``eval_batch_size``
     are then the global batches, split evenly over the ranks. Out of the study hash.
+
+    ``compile`` (a speed option, out of the study hash): ``off`` (eager) or a ``torch.compile`` mode
+    (``default``, ``reduce-overhead`` = CUDA graphs on CUDA, ``max-autotune``) for the training
+    forward only, rebuilt after every structure change; evaluation stays eager
+    (:mod:`repsearch.compile`; measures ``compile_count``, ``compile_s``, ``compile_recompiles``).
     """
 
     epochs: PositiveInt = 600
@@ -200,6 +205,7 @@ class TrainSpec(_Spec):
     deterministic: bool = False
     checkpoint_every: Optional[NonNegativeInt] = None
     distributed: Literal["none", "ddp"] = "none"
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
@@ -706,7 +712,7 @@ def trial_recipe(recipe: Recipe, overrides: dict[str, Any], seed: int) -> Recipe
 
 _HASH_EXCLUDE = (
     "sweep.n_trials", "sweep.seeds", "sweep.workers", "tracking", "data.root", "profiles", "description",
-    "train.checkpoint_every", "train.distributed",
+    "train.checkpoint_every", "train.distributed", "train.compile",
 )
 
 
@@ -754,8 +760,8 @@ def hashed_recipe(recipe: Recipe) -> dict:
     """What the study hash covers: the resolved recipe without the fields equal to their defaults
     (so a release that adds a field with a default renames no study) and without what does not
     change results (:data:`_HASH_EXCLUDE`: n_trials, seeds, workers, tracking, data.root, profiles,
-    description, train.checkpoint_every, train.distributed: ``batch_size`` is the global batch on any
-    number of ranks). DESIGN.md "Sweeps — contract"."""
+    description, train.checkpoint_every, train.distributed (``batch_size`` is the global batch on any
+    number of ranks), train.compile). DESIGN.md "Sweeps — contract"."""
     d = _non_defaults(recipe)
     for path in _HASH_EXCLUDE:
         parts = path.split(".")

@@ -11,6 +11,10 @@ epoch ends only.
 Precision is part of the experiment (DESIGN.md conventions): autocast (``train.amp``, bf16, CUDA
 only) and TF32 (``train.tf32``, CUDA only) are decided per epoch — both off while the method scores
 fp32 gradients (``Method.fp32_gradients``) — and the trainer records which epochs ran how.
+
+``train.compile`` (:mod:`repsearch.compile`): only the training forward goes through
+``torch.compile``, rebuilt after every structure change; ``self.model`` stays the raw module
+(hooks, surgery, checkpoints, deploy) and evaluation stays eager.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 
 from repsearch import distributed
 from repsearch.checkpoint import CheckpointError, Checkpointer, model_record, rng_state, set_rng_state
+from repsearch.compile import CompiledForward
 from repsearch.measures import RunningAverage, check_measures, count_macs, count_params, peak_memory_mb, reset_peak_memory
 from repsearch.methods.base import EpochChanges, Method
 from repsearch.rep import count_branches
@@ -161,6 +166,9 @@ class Trainer:
     Attributes:
         history: per-epoch measures, epoch 1 first.
         fp32_epochs / tf32_epochs: the epochs trained without autocast / with TF32 allowed.
+        compiled: the training forward (:class:`repsearch.compile.CompiledForward`; eager when
+            ``train.compile`` is off); with compile on every epoch also logs ``compile_count``,
+            ``compile_s`` and ``compile_recompiles``.
 
     Raises:
         NonFiniteLoss: when the epoch's mean training loss is NaN or infinite.
@@ -194,6 +202,7 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         self.channels_last = bool(train_spec.channels_last) and self.cuda
         self.grad_clip = getattr(train_spec, "grad_clip", None)
+        self.compiled = CompiledForward(model, getattr(train_spec, "compile", "off"), self.device)
         # channels_last first: a method's optimizer may build per-parameter tensors (RepOpt's Grad
         # Mult) that must match the parameters' final memory format
         self._structure_changed()
@@ -211,12 +220,15 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     def _structure_changed(self) -> None:
         """After construction or a structure change only: put new modules in channels_last (CUDA),
-        list the parameters to clip and measure MACs/params/branches of the current structure."""
+        list the parameters to clip, measure MACs/params/branches of the current structure and
+        rebuild the compiled training forward (``train.compile``)."""
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.dist is not None:  # a new wrapper for the new parameters; it broadcasts rank 0's weights
-            self.net = None  # the old wrapper's reducer (and its autograd hooks) goes first
+            self.net = self.compiled.module = None  # the old wrapper's reducer (and its hooks) goes first
             self.net = distributed.wrap(self.model, self.dist, self.device)
+            self.compiled.module = self.net  # compiled through DDP (dynamo's DDPOptimizer splits at buckets)
+        self.compiled.rebuild()
         self._clip_params = [p for p in self.model.parameters() if p.requires_grad] if self.grad_clip else []
         side = int(getattr(self.train_loader, "crop", 32))  # the batches' side (data.image_size)
         self.flops_m = count_macs(self.model, (1, 3, side, side)) / 1e6
@@ -240,12 +252,12 @@ class Trainer:
         n = 0
         step0 = (epoch - 1) * len(self.train_loader)
         clip, clip_params = self.grad_clip, self._clip_params
+        forward = self.compiled  # model(images), through torch.compile when train.compile is on
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)  # shuffle/augmentation draws keyed by (seed, epoch)
-        net = self.net
         for i, (images, labels) in enumerate(self.train_loader):
             with autocast_for(self.device, amp):
-                logits = net(images)
+                logits = forward(images)
                 loss = method.loss(logits.float(), labels, images)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -256,6 +268,7 @@ class Trainer:
             opt.step()
             lr = opt.param_groups[0]["lr"]  # the LR this step used (a python float: no sync)
             sched.step()
+            forward.step_done()
             loss_sum += loss.detach() * labels.shape[0]
             correct += (logits.detach().argmax(1) == labels).sum()
             n += labels.shape[0]
@@ -337,6 +350,7 @@ class Trainer:
                 "cost_gpu_hours": self.device_seconds / 3600.0,
             }
         )
+        m.update(self.compiled.measures())
         m.update({k: float(v) for k, v in extra.items()})
         self.history.append(m)
         changed_before, self._changed_last = self._changed_last, bool(changes)
@@ -391,6 +405,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = [dict(m) for m in state["history"]]
+        self.compiled.restore(self.history[-1] if self.history else {})
         self.avg_flops.load_state_dict(state["avg_flops"])
         self.avg_params.load_state_dict(state["avg_params"])
         self.device_seconds = float(state["device_seconds"])
