@@ -341,7 +341,7 @@ def test_run_nproc_per_node_trains_every_trial_on_two_ranks(tmp_path, data_root)
     "args, message",
     [
         (["--nproc-per-node", "3"], "train.batch_size 64 (the global batch) is not divisible by --nproc-per-node 3"),
-        (["--nproc-per-node", "2", "--workers", "2"], "--workers N and --nproc-per-node do not combine"),
+        (["--nproc-per-node", "2", "--workers", "2"], "--workers N and --nproc-per-node do not combine: one DDP command per GPU group"),
     ],
 )
 def test_ddp_user_errors_are_one_line(tmp_path, data_root, args, message):
