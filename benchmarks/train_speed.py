@@ -18,9 +18,11 @@ Compile ``default`` (or any ``train.compile`` mode) runs the forward through
     .venv/bin/python benchmarks/train_speed.py --device cpu     # ~12 min on 2 busy cores (DBB compile ~6)
     .venv/bin/python benchmarks/train_speed.py --device cpu --compile off      # eager only: no compile wait
     .venv/bin/python benchmarks/train_speed.py --device cuda --max-batch --costs
+    .venv/bin/python benchmarks/train_speed.py --device cpu --compile off --ddp 2   # + a DDP row per cell
 
-New rows (e.g. DDP with N processes) are a function returning the same dict as :func:`bare_cell`,
-appended to ``rows`` in :func:`main`.
+``--ddp N`` adds a row per cell trained by N DDP processes (:func:`ddp_cell`: NCCL, one GPU each,
+on CUDA; gloo on CPU) sharing the global batch: images/s is the global rate, comparable with the
+one-process row above it.
 """
 
 from __future__ import annotations
@@ -151,6 +153,60 @@ def bare_cell(cell: Cell, width: float, device: torch.device, steps: int, repeat
             "compile_s": statistics.median(r[1] for r in runs), "note": type(opt).__name__}
 
 
+def _ddp_worker(rank: int, world: int, port: int, cell: Cell, width: float, device_type: str, steps: int, warm: int,
+                out: str) -> None:
+    """One DDP rank of :func:`ddp_cell`: join the group, train ``cell.batch / world`` images per step."""
+    import json
+    import os
+
+    from repsearch import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    dist = distributed.init(cuda=device_type == "cuda")
+    try:
+        device = torch.device(dist.device(device_type))
+        torch.manual_seed(0)
+        model, method = build(cell.model, width, device)
+        bf16 = cell.precision == "bf16"
+        if bf16:
+            model.to(memory_format=torch.channels_last)
+        opt = method.optimizer(model, TrainSpec(epochs=2, batch_size=cell.batch, lr=0.01))
+        net = distributed.wrap(model, dist, device)
+        rate, comp = bare_step_rate(net, device, cell.batch // world, steps, bf16, bf16, optimizer=opt,
+                                    compile_mode=cell.compile, warm=warm)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump({"img_s": rate * world, "compile_s": comp, "branches": str(count_branches(model))}, f)
+    finally:
+        distributed.shutdown()
+
+
+def ddp_cell(cell: Cell, world: int, width: float, device: torch.device, steps: int, warm: int) -> Optional[dict]:
+    """The DDP row of ``cell``: ``world`` spawned processes (gloo on CPU, each ``cores // world``
+    threads; NCCL on CUDA, one GPU each) train the global batch ``cell.batch`` split evenly, with the
+    gradient all-reduce of :class:`~torch.nn.parallel.DistributedDataParallel`; images/s is the
+    global rate (rank 0's per-rank rate × ranks: the all-reduce keeps the ranks in step)."""
+    import json
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    if cell.batch % world or (cell.precision == "bf16" and device.type != "cuda"):
+        return None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/rank0.json"
+        mp.start_processes(_ddp_worker, args=(world, port, cell, width, device.type, steps, warm, out), nprocs=world,
+                           start_method="spawn")
+        with open(out) as f:
+            r = json.load(f)
+    return {**r, "note": f"DDP {world} x {cell.batch // world} ({'nccl' if device.type == 'cuda' else 'gloo'})"}
+
+
 def trainer_rate(model, data, device, spec) -> float:
     """Training images/s of the real Trainer (real data, augmentation, on-device accumulators),
     from the last epoch's ``train_images_per_s`` (the first epoch warms up)."""
@@ -238,6 +294,8 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=None, help="--costs: training images per epoch (default all on CUDA, 2048 on CPU)")
     ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     ap.add_argument("--max-batch", action="store_true", help="CUDA: the largest batch that fits for origin, dbb, dyrep-grown")
+    ap.add_argument("--ddp", type=int, default=0, metavar="N",
+                    help="also a DDP row per cell: N processes (GPUs on CUDA, gloo on CPU) sharing the global batch")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -254,12 +312,14 @@ def main() -> None:
              for p in args.precision.split(",") for c in args.compile.split(",")]
     rows: list[tuple[Cell, dict]] = []
     runners: list[Callable[[Cell], Optional[dict]]] = [lambda c: bare_cell(c, width, device, steps, args.repeats, 5 if cuda else 2)]
+    if args.ddp > 1:
+        runners.append(lambda c: ddp_cell(c, args.ddp, width, device, steps, 5 if cuda else 2))
     for cell in cells:
-        for run in runners:  # a DDP runner goes here: same Cell in, same dict out
+        for run in runners:
             out = run(cell)
             if out is not None:
                 rows.append((cell, out))
-    eager = {(c.model, c.batch, c.precision): r["img_s"] for c, r in rows if c.compile == "off"}
+    eager = {(c.model, c.batch, c.precision): r["img_s"] for c, r in rows if c.compile == "off" and not r["note"].startswith("DDP")}
     table = Table(title=f"bare training step: width {width:g}, {name}, torch {torch.__version__}, {steps} steps, median of {args.repeats}")
     for col in ("model", "branches", "batch", "precision", "compile", "img/s", "vs eager", "compile s", "optimizer / note"):
         table.add_column(col, justify="right")

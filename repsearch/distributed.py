@@ -59,6 +59,11 @@ class DistributedError(RuntimeError):
     that the ranks cannot share evenly, ranks whose structures differ after a change."""
 
 
+class StoppedByRank0(RuntimeError):
+    """Raised on the ranks other than 0 when rank 0 left the trial after an epoch (its report raised:
+    a pruned trial, a store error); rank 0 re-raises its own error at the same point."""
+
+
 @dataclass(frozen=True)
 class DistContext:
     """This process's place in the trial's process group.
@@ -204,17 +209,19 @@ def structure_fingerprint(model: nn.Module) -> str:
 
 
 def check_same_structure(model: nn.Module, dist: Optional[DistContext], epoch: int) -> None:
-    """After a structure change: every rank's :func:`structure_fingerprint` must equal rank 0's.
+    """After a structure change: every rank's :func:`structure_fingerprint` must equal rank 0's
+    (one all-gather of the fingerprints, so that every rank reaches the same verdict).
 
     Raises:
-        DistributedError: on the rank(s) whose structure differs (the trial fails).
+        DistributedError: on every rank, when any rank's structure differs (the trial fails).
     """
     if dist is None:
         return
-    mine = structure_fingerprint(model)
-    ref = broadcast_object(mine, dist)
-    if mine != ref:
-        raise DistributedError(f"rank {dist.rank}: the structure after epoch {epoch} differs from rank 0's")
+    prints: list[Any] = [None] * dist.world_size
+    torch.distributed.all_gather_object(prints, structure_fingerprint(model))
+    differ = [r for r, fp in enumerate(prints) if fp != prints[0]]
+    if differ:
+        raise DistributedError(f"ranks {differ}: the structure after epoch {epoch} differs from rank 0's")
 
 
 def wrap(model: nn.Module, dist: Optional[DistContext], device: torch.device) -> nn.Module:
@@ -257,8 +264,9 @@ def stop_followers(dist: Optional[DistContext]) -> None:
 
 def follow(dist: DistContext, out_dir: "os.PathLike[str] | str", device: Optional[str] = None,
            trial_fn: Optional[Callable] = None) -> int:
-    """A rank other than 0: run every trial rank 0 broadcasts until it says stop. Talks to no store;
-    a trial's error is logged and the rank waits for the next trial (rank 0 records the failure).
+    """A rank other than 0: run every trial rank 0 broadcasts until it says stop. Talks to no store.
+    A trial that fails with one of :func:`synchronised_errors` is logged and the rank waits for the
+    next trial (rank 0 records the failure); any other error propagates (the process ends).
     Returns the number of trials run."""
     import tempfile
     from pathlib import Path
@@ -285,8 +293,22 @@ def follow(dist: DistContext, out_dir: "os.PathLike[str] | str", device: Optiona
             try:
                 trial_fn(recipe, data_root=msg["data_root"], device=dist.device(device), out_dir=Path(tmp) / "trial",
                          progress=False, **kw)
-            except Exception as exc:  # rank 0 fails the trial in the stores; this rank goes on
+            except synchronised_errors() as exc:  # rank 0 raised it too and records the failure
                 log.warning("rank %d: trial failed: %s", dist.rank, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def synchronised_errors() -> tuple[type[BaseException], ...]:
+    """The errors every rank of a trial raises at the same point: a NaN loss (all-reduced), ranks
+    whose structures differ (all-gathered), a stop told by rank 0, a checkpoint or data error (the
+    same inputs on every rank). A follower that meets one of them waits for rank 0's next trial
+    (rank 0 records the failure); any other error ends the follower's process, and torchrun then
+    stops the whole group (the trial is failed as stale and resumes from its last checkpoint on the
+    next run)."""
+    from repsearch.checkpoint import CheckpointError
+    from repsearch.errors import DataError
+    from repsearch.train import NonFiniteLoss
+
+    return (StoppedByRank0, DistributedError, NonFiniteLoss, CheckpointError, DataError)
 
 
 def torchrun_argv(nproc: int, argv: Iterable[str]) -> list[str]:

@@ -354,6 +354,25 @@ class Trainer:
         m.update({k: float(v) for k, v in extra.items()})
         self.history.append(m)
         changed_before, self._changed_last = self._changed_last, bool(changes)
+        if self.dist is None:
+            self._report(epoch, m, changed_before)
+            return
+        # DDP: rank 0 checkpoints and reports (MLflow, Optuna); when that raises (a pruned trial, a
+        # full disk) every rank must leave the trial at this same point, or the ranks' collectives
+        # would pair up wrongly: one broadcast per epoch says whether to stop
+        error: Optional[BaseException] = None
+        try:
+            self._report(epoch, m, changed_before)
+        except Exception as exc:  # noqa: BLE001 (re-raised below, on every rank)
+            error = exc
+        stop = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}", self.dist)
+        if error is not None:
+            raise error
+        if stop is not None:
+            raise distributed.StoppedByRank0(f"rank 0 stopped the trial after epoch {epoch}: {stop}")
+
+    def _report(self, epoch: int, m: dict[str, float], changed_before: bool) -> None:
+        """The epoch's checkpoint (when due) and ``on_epoch`` (rank 0 only under DDP: the others have neither)."""
         if self.checkpointer is not None and self.checkpointer.due(epoch, changed_before):
             self.checkpointer.save(epoch, self.checkpoint_state())
         if self.on_epoch is not None:

@@ -162,6 +162,50 @@ def test_ddp_equals_one_process_with_the_global_batch_without_batchnorm(tmp_path
     )
 
 
+class _Pruned(Exception):
+    pass
+
+
+def _stop_worker(rank, world, port, out):
+    from repsearch.methods.base import Method
+    from repsearch.spec import TrainSpec
+    from repsearch.train import Trainer
+
+    dist = _join(rank, world, port)
+    try:
+        x, y = _images(64, seed=2)
+        seen = {}
+        for attempt in ("stopped", "after"):
+            torch.manual_seed(0)
+            train = DeviceLoader(x, y, 16, train=True, rank=rank, world_size=world, mean=MEAN, std=STD, pad=2)
+            spec = TrainSpec(epochs=3, batch_size=16, lr=0.05, warmup_epochs=0, min_lr=0.0, amp=False)
+
+            def on_epoch(epoch, m, attempt=attempt):
+                if attempt == "stopped" and epoch == 2:
+                    raise _Pruned("pruned at epoch 2")
+
+            val = DeviceLoader(x[:32], y[:32], 16, rank=rank, world_size=world, mean=MEAN, std=STD)
+            trainer = Trainer(_NoBN(), Method(None), train, val, spec, torch.device("cpu"), dist=dist,
+                              on_epoch=on_epoch if rank == 0 else None)
+            try:
+                trainer.fit()
+                seen[attempt] = f"finished {len(trainer.history)}"
+            except Exception as exc:  # noqa: BLE001
+                seen[attempt] = f"{type(exc).__name__} after {len(trainer.history)}"
+        Path(out, f"stop{rank}.json").write_text(json.dumps(seen))
+    finally:
+        distributed.shutdown()
+
+
+def test_rank_0_leaving_a_trial_stops_every_rank_at_the_same_epoch(tmp_path):
+    """A pruned trial (rank 0's report raises): rank 0 re-raises its error, the others raise
+    StoppedByRank0 after the same epoch, and the group stays in step for the next trial."""
+    _spawn(_stop_worker, str(tmp_path))
+    r0, r1 = (json.loads((tmp_path / f"stop{r}.json").read_text()) for r in range(2))
+    assert r0 == {"stopped": "_Pruned after 2", "after": "finished 3"}
+    assert r1 == {"stopped": "StoppedByRank0 after 2", "after": "finished 3"}
+
+
 # ------------------------------------------------------------------------ DyRep and RepAn trials
 DYREP = {
     "data": {"val_size": 256, "train_subset": 2048, "test_subset": 128},
