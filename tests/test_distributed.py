@@ -314,6 +314,69 @@ def test_dyrep_on_two_ranks_matches_one_process_with_the_global_batch(ddp_trials
     assert min(ddp["history"][-1]["val/top1"], one["history"][-1]["val/top1"]) > 18.0  # chance: 10 %
 
 
+RESUME = {
+    "data": {"val_size": 128, "train_subset": 512, "test_subset": 128},
+    "model": {"name": "vgg16", "width": 0.0625},
+    "method": {"name": "dyrep", "scoring": "snip", "interval": 1, "grow_until": 3, "dep_threshold": 0.0005},
+    "train": {"epochs": 4, "batch_size": 32, "eval_batch_size": 128, "lr": 0.05, "warmup_epochs": 1, "min_lr": 0.0,
+              "deterministic": True, "amp": False, "checkpoint_every": 1},
+}
+
+
+def _resume_worker(rank, world, port, out, data_root):
+    """Rank 0 leads (leader_trial_fn), rank 1 follows (follow): a trial stopped by rank 0 after its
+    2nd adjustment, the same trial resumed from rank 0's checkpoint (sent to rank 1 whole), and an
+    uninterrupted trial; rank 0 saves what both runs ended with."""
+    from repsearch.checkpoint import latest_checkpoint
+    from repsearch.spec import validate_dict
+    from repsearch.trial import run_trial
+
+    dist = _join(rank, world, port)
+    out = Path(out)
+    try:
+        if rank != 0:
+            trials = distributed.follow(dist, out / "scratch")
+            Path(out, "followed.json").write_text(json.dumps(trials))
+            return
+        recipe = validate_dict(RESUME, "test")
+        lead = distributed.leader_trial_fn(run_trial, dist)
+
+        def stop_after_2(epoch, m):
+            if epoch == 2:
+                raise _Pruned("killed after epoch 2")
+
+        with pytest.raises(_Pruned):
+            lead(recipe, data_root=data_root, device="cpu", out_dir=out / "a", on_epoch=stop_after_2, progress=False)
+        ckpt = latest_checkpoint(out / "a" / "checkpoints")
+        resumed = lead(recipe, data_root=data_root, device="cpu", out_dir=out / "a2", progress=False, resume_from=ckpt)
+        straight = lead(recipe, data_root=data_root, device="cpu", out_dir=out / "b", progress=False)
+        distributed.stop_followers(dist)
+        torch.save({"ckpt": ckpt.name, "resumed": resumed.history, "straight": straight.history,
+                    "resumed_epoch": resumed.resumed_epoch, "events_r": json.dumps(resumed.events),
+                    "events_s": json.dumps(straight.events)}, out / "resume.pt")
+    finally:
+        distributed.shutdown()
+
+
+def test_a_ddp_trial_resumes_from_rank_0s_checkpoint_bit_for_bit(tmp_path, data_root):
+    """DDP + checkpoints: rank 0 writes the checkpoint, the resumed trial sends it whole to the other
+    rank, and the resumed DDP trial ends with the uninterrupted DDP trial's weights and metrics."""
+    (tmp_path / "scratch").mkdir()
+    _spawn(_resume_worker, str(tmp_path), str(data_root))
+    r = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert r["ckpt"] == "epoch_0002.pt" and r["resumed_epoch"] == 2
+    assert json.loads((tmp_path / "followed.json").read_text()) == 3
+    timing = {"epoch_time_s", "train_images_per_s", "mem_peak_mb", "cost_gpu_hours"}
+    assert len(r["resumed"]) == len(r["straight"]) == 4
+    for a, b in zip(r["resumed"], r["straight"]):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    reps = lambda ev: [(e["epoch"], e["path"]) for e in json.loads(ev) if e["kind"] == "rep"]  # noqa: E731
+    assert reps(r["events_r"]) == reps(r["events_s"]) and len(reps(r["events_s"])) == 3
+    dep_a = torch.load(tmp_path / "a2" / "deployed.pt", weights_only=True)["state_dict"]
+    dep_b = torch.load(tmp_path / "b" / "deployed.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(dep_a[k], dep_b[k]) for k in dep_b)
+
+
 def _accumulator_worker(rank, world, port, out):
     from repsearch.scoring import SaliencyAccumulator
 
