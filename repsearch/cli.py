@@ -119,9 +119,9 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
     from repsearch import distributed
 
     rec, _ = _load(recipe, profile, sets)
+    device = _check_device(device or _default_device())
     if nproc_per_node is not None and distributed.env_world() is None:
         _launch_torchrun(rec, nproc_per_node, workers)  # exits with torchrun's status
-    device = _check_device(device or _default_device())
     dist = None
     if distributed.wanted(rec.train.distributed):
         if (workers or rec.sweep.workers or 1) > 1:
