@@ -120,8 +120,8 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
 
     rec, _ = _load(recipe, profile, sets)
     device = _check_device(device or _default_device())
-    if nproc_per_node is not None and distributed.env_world() is None:
-        _launch_torchrun(rec, nproc_per_node, workers)  # exits with torchrun's status
+    if nproc_per_node is not None and os.environ.get(distributed.FORCE_ENV) != "1":
+        _launch_torchrun(rec, nproc_per_node, workers, device)  # exits with torchrun's status
     dist = None
     if distributed.wanted(rec.train.distributed):
         if (workers or rec.sweep.workers or 1) > 1:
@@ -133,7 +133,7 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
         device = dist.device(device)
         if not dist.is_main:  # a follower: trains what rank 0 broadcasts, talks to no store
             try:
-                distributed.follow(dist, _scratch(runs_dir), device)
+                distributed.follow(dist, None, device)
             finally:
                 distributed.shutdown()
             return
@@ -145,22 +145,25 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
         distributed.shutdown()
 
 
-def _scratch(runs_dir: Optional[str]) -> str:
-    """A DDP follower's scratch folder for its trials' files (removed after each trial)."""
-    path = Path(runs_dir or "runs") / "ddp-scratch"
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
+def _launch_torchrun(rec, nproc: int, workers: Optional[int], device: str) -> None:
+    """Re-run this command (``sys.argv``: the ``repsearch`` console script's own arguments) under
+    torchrun with ``nproc`` processes (``--nproc-per-node`` removed, DDP forced on) and exit with its
+    status.
 
-
-def _launch_torchrun(rec, nproc: int, workers: Optional[int]) -> None:
-    """Re-run this command under torchrun with ``nproc`` processes (``--nproc-per-node`` removed,
-    DDP forced on) and exit with its status."""
+    Raises:
+        UserError: ``nproc`` < 1, more processes than visible GPUs on CUDA, ``--workers`` > 1, or a
+            global batch that ``nproc`` does not divide.
+    """
     import subprocess
+
+    import torch
 
     from repsearch import distributed
 
     if nproc < 1:
         raise UserError(f"--nproc-per-node must be >= 1, got {nproc}")
+    if device.startswith("cuda") and nproc > torch.cuda.device_count():
+        raise UserError(f"--nproc-per-node {nproc}: only {torch.cuda.device_count()} CUDA devices are visible (one process per GPU)")
     if (workers or rec.sweep.workers or 1) > 1:
         raise UserError("--workers N and --nproc-per-node do not combine: one DDP command per GPU group")
     if rec.train.batch_size % nproc:

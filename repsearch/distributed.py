@@ -87,7 +87,11 @@ class DistContext:
 
     def device(self, requested: Optional[str] = None) -> str:
         """This rank's device: ``cuda:<local_rank>`` with the NCCL backend, else ``cpu``
-        (``requested`` is only checked: a CUDA request with gloo is refused)."""
+        (``requested`` is only checked).
+
+        Raises:
+            DistributedError: a CUDA device asked for in a gloo (CPU) group.
+        """
         if self.backend == "nccl":
             return f"cuda:{self.local_rank}"
         if requested and requested.startswith("cuda"):
@@ -135,7 +139,8 @@ def init(cuda: Optional[bool] = None) -> DistContext:
     Args:
         cuda: use CUDA and NCCL (default: when CUDA is available).
     Raises:
-        DistributedError: no world of 2+ processes, or no ``MASTER_ADDR``/``MASTER_PORT``.
+        DistributedError: no world of 2+ processes, no ``MASTER_ADDR``/``MASTER_PORT``, or (CUDA)
+            a local rank without a visible GPU.
     """
     global _CURRENT
     if _CURRENT is not None:
@@ -150,6 +155,8 @@ def init(cuda: Optional[bool] = None) -> DistContext:
     use_cuda = torch.cuda.is_available() if cuda is None else bool(cuda)
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise DistributedError(f"DDP: local rank {local} has no GPU ({torch.cuda.device_count()} visible; one process per GPU)")
         torch.cuda.set_device(local)
     else:
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", size)))
@@ -241,8 +248,17 @@ _STOP = "stop"
 
 def leader_trial_fn(trial_fn: Callable, dist: DistContext) -> Callable:
     """Rank 0's trial function: broadcast the trial (recipe YAML, data root, the checkpoint it
-    resumes, read here and sent whole so that other nodes need no shared folder) to the followers,
-    then run ``trial_fn`` with the same arguments."""
+    resumes, read here and sent whole so that other nodes need no shared folder) to the followers
+    (:func:`follow`), then run ``trial_fn`` with the same arguments.
+
+    Args:
+        trial_fn: :func:`repsearch.trial.run_trial` or a function of its signature.
+        dist: this process's group (rank 0).
+    Returns:
+        A function of ``trial_fn``'s signature (``run_study``'s ``trial_fn``).
+    Raises (when called):
+        repsearch.checkpoint.CheckpointError: the checkpoint to resume does not load.
+    """
     from repsearch.checkpoint import load_checkpoint
     from repsearch.spec import recipe_yaml
 
@@ -262,12 +278,23 @@ def stop_followers(dist: Optional[DistContext]) -> None:
         broadcast_object({"kind": _STOP}, dist)
 
 
-def follow(dist: DistContext, out_dir: "os.PathLike[str] | str", device: Optional[str] = None,
+def follow(dist: DistContext, out_dir: "Optional[os.PathLike[str] | str]" = None, device: Optional[str] = None,
            trial_fn: Optional[Callable] = None) -> int:
     """A rank other than 0: run every trial rank 0 broadcasts until it says stop. Talks to no store.
     A trial that fails with one of :func:`synchronised_errors` is logged and the rank waits for the
     next trial (rank 0 records the failure); any other error propagates (the process ends).
-    Returns the number of trials run."""
+
+    Args:
+        dist: this process's group (rank > 0).
+        out_dir: where each trial's scratch folder is made (removed after the trial; default: the
+            system's temporary folder).
+        device: the ``--device`` asked for (the rank's own device is :meth:`DistContext.device`).
+        trial_fn: the trial function (default :func:`repsearch.trial.run_trial`).
+    Returns:
+        The number of trials run.
+    Raises:
+        Any error of a trial that is not one of :func:`synchronised_errors`.
+    """
     import tempfile
     from pathlib import Path
 

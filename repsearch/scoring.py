@@ -546,8 +546,12 @@ class SaliencyAccumulator:
     def all_reduce(self) -> None:
         """DDP: sum ``sum`` and the step count over every rank of the default process group (one
         collective on the concatenated tensor), so :meth:`averages` is the mean over all ranks'
-        steps on every rank. Source: the official DyRep code all-reduces every conv's score at every
-        step; once per adjustment gives the same averages."""
+        steps on every rank. Source: the official DyRep code (hunto/image_classification_sota)
+        all-reduces every conv's score at every step; once per adjustment gives the same averages.
+
+        Raises:
+            RuntimeError / ValueError: no default process group (torch.distributed not initialised).
+        """
         import torch.distributed as tdist
 
         flat = torch.cat([self._sum.reshape(-1), self._count.reshape(1)])

@@ -136,6 +136,20 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool
     return loss / n, 100.0 * corr / n
 
 
+class _TrainingForward(nn.Module):
+    """What DDP wraps: ``model`` (a submodule, so DDP sees its parameters) called through the trainer's
+    :class:`~repsearch.compile.CompiledForward` (eager when ``train.compile`` is off). Shapes:
+    ``(B, 3, H, W)`` images -> ``(B, classes)`` logits."""
+
+    def __init__(self, model: nn.Module, compiled: CompiledForward):
+        super().__init__()
+        self.model = model
+        self.compiled = compiled  # a plain attribute: not a module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compiled(x)
+
+
 class Trainer:
     """Train ``model`` with ``method``'s hooks for ``train_spec.epochs`` epochs (the hook order is in
     :mod:`repsearch.methods.base`).
@@ -224,11 +238,13 @@ class Trainer:
         rebuild the compiled training forward (``train.compile``)."""
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if self.dist is not None:  # a new wrapper for the new parameters; it broadcasts rank 0's weights
-            self.net = self.compiled.module = None  # the old wrapper's reducer (and its hooks) goes first
-            self.net = distributed.wrap(self.model, self.dist, self.device)
-            self.compiled.module = self.net  # compiled through DDP (dynamo's DDPOptimizer splits at buckets)
         self.compiled.rebuild()
+        if self.dist is not None:
+            # a new DDP wrapper for the new parameters (its constructor broadcasts rank 0's weights),
+            # around a shim that calls the (compiled) forward: dynamo then compiles the build's own
+            # code object inside DDP's forward (its DDPOptimizer splits the graph at the buckets)
+            self.net = None  # the old wrapper's reducer goes first
+            self.net = distributed.wrap(_TrainingForward(self.model, self.compiled), self.dist, self.device)
         self._clip_params = [p for p in self.model.parameters() if p.requires_grad] if self.grad_clip else []
         side = int(getattr(self.train_loader, "crop", 32))  # the batches' side (data.image_size)
         self.flops_m = count_macs(self.model, (1, 3, side, side)) / 1e6
@@ -252,7 +268,8 @@ class Trainer:
         n = 0
         step0 = (epoch - 1) * len(self.train_loader)
         clip, clip_params = self.grad_clip, self._clip_params
-        forward = self.compiled  # model(images), through torch.compile when train.compile is on
+        compiled = self.compiled
+        forward = self.net if self.dist is not None else compiled  # DDP(shim) -> compiled -> model
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)  # shuffle/augmentation draws keyed by (seed, epoch)
         for i, (images, labels) in enumerate(self.train_loader):
@@ -268,7 +285,7 @@ class Trainer:
             opt.step()
             lr = opt.param_groups[0]["lr"]  # the LR this step used (a python float: no sync)
             sched.step()
-            forward.step_done()
+            compiled.step_done()
             loss_sum += loss.detach() * labels.shape[0]
             correct += (logits.detach().argmax(1) == labels).sum()
             n += labels.shape[0]

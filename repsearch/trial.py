@@ -15,6 +15,7 @@ one of them and ends as the uninterrupted trial would (timing measures aside).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -304,8 +305,18 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method, resu
     try:
         if ckpt is not None:
             state = ckpt["trainer"]
-            for epoch, m in enumerate(state["history"], start=1):  # the caller's record of the done epochs
-                epoch_cb(epoch, dict(m))
+            error = None
+            try:
+                for epoch, m in enumerate(state["history"], start=1):  # the caller's record of the done epochs
+                    epoch_cb(epoch, dict(m))
+            except Exception as exc:  # noqa: BLE001 (re-raised below; DDP: every rank leaves here)
+                error = exc
+            if dist is not None:  # rank 0 alone replays (MLflow, pruning): tell the other ranks
+                stop = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}", dist)
+                if error is None and stop is not None:
+                    raise distributed.StoppedByRank0(f"rank 0 stopped the trial while replaying its checkpoint: {stop}")
+            if error is not None:
+                raise error
             if bar is not None:
                 bar.step(len(state["history"]), len(data.train))
             trainer.load_state_dict(state)  # RNG states last: nothing may draw after this but training
@@ -318,6 +329,9 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method, resu
     if not main:  # rank 0 deploys, checks, evaluates the test split and writes the artifacts
         return TrialResult(final=dict(history[-1]), history=history, events=list(method.events),
                            tags={"distributed": dist_tag}, resumed_epoch=resumed_epoch)
+    if dist is not None:  # rank 0 checks and evaluates on whole splits, not on its shard
+        data = dataclasses.replace(data, train=data.train.unsharded(), test=data.test.unsharded(),
+                                   val=data.val.unsharded() if data.val is not None else None)
 
     # -- deploy, save, reload strictly, check equivalence on the validation split ----------
     deployed = method.deploy(model)

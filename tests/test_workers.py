@@ -203,11 +203,11 @@ def test_pop_is_atomic_under_four_racing_processes(tmp_path, kind, request):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n_workers", [2, 4])
 def test_workers_finish_a_grid_each_point_once_over_repeated_racy_starts(tmp_path, n_workers, kind, request):
-    """A 7-point grid, 2 or 4 worker processes released at once, 10 repetitions each (20 racy starts
+    """A 7-point grid, 2 or 4 worker processes released at once, 6 repetitions each (12 racy starts
     per storage): every point COMPLETE exactly once, no trial run twice, one FINISHED MLflow run each."""
     recipe = grid()
     stores = _stores(tmp_path, recipe, storage_url(kind, request))  # one store, a new study per repetition
-    for rep in range(10):
+    for rep in range(6):
         folder = tmp_path / f"rep{rep}"
         folder.mkdir()
         recipe = recipe.model_copy(update={"seed": 1000 + rep})  # the seed is part of the study's name

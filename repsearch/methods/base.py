@@ -245,7 +245,8 @@ class Method:
     def agree(self, decision: Any) -> Any:
         """Rank 0's ``decision`` (any picklable value) on every rank of a DDP trial, so that every
         rank applies the same structure change; ``decision`` itself in one process. Every rank must
-        call it at the same point (a collective)."""
+        call it at the same point (a collective; a rank that does not blocks the others until the
+        group's timeout, :data:`repsearch.distributed.TIMEOUT_S`)."""
         from repsearch.distributed import broadcast_object
 
         return broadcast_object(decision, self.dist)
