@@ -262,7 +262,10 @@ def test_cli_two_workers_ctrl_c_keeps_finished_trials_and_rerun_completes(tmp_pa
     KILLED; the same command then runs only what is missing, on 2 workers, with one parent run."""
     runs = tmp_path / "runs"
     args = cli(runs, data_root, epochs=4, extra=["sweep.seeds=[0]"]) + ["--workers", "2"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # as a terminal's shell starts it: SIGINT at its default even when this test itself runs with
+    # SIGINT ignored (a script's background job, nohup)
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     interrupted = False
     deadline = time.time() + 600
     try:

@@ -91,7 +91,10 @@ def _on_sigint(signum: int, frame: Any) -> None:
 def _worker_main(spec: dict[str, Any], events: Any) -> None:
     """Entry point of one pool process (spawned): place it, then run the worker loop."""
     os.environ.update(spec["env"])
-    signal.signal(signal.SIGINT, _on_sigint)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        # a parent started with SIGINT ignored (nohup, `cmd &` in a script) ignores Ctrl-C, and its
+        # workers (which inherit that) must too, or they would stop while the parent carries on
+        signal.signal(signal.SIGINT, _on_sigint)
     logging.basicConfig(level=spec["log_level"], format=f"%(levelname)s w{spec['worker_id']} %(name)s: %(message)s")
     import optuna
     import torch
