@@ -21,17 +21,9 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class NoopResult:
-    final: dict
-    history: list
-    artifacts: list = field(default_factory=list)
 
 
 def noop_trial(recipe, *, data_root, device, out_dir, on_epoch=None, progress=True):
@@ -39,7 +31,9 @@ def noop_trial(recipe, *, data_root, device, out_dir, on_epoch=None, progress=Tr
     m = {"val/top1": 10.0 + recipe.seed, "train/loss": 1.0}
     if on_epoch is not None:
         on_epoch(1, m)
-    return NoopResult(final={**m, "test/top1": 10.0}, history=[m])
+    from repsearch.trial import TrialResult
+
+    return TrialResult(final={**m, "test/top1": 10.0}, history=[m])
 
 
 def tiny_recipe(points: int, seed: int):

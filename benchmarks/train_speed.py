@@ -178,6 +178,7 @@ def _ddp_worker(rank: int, world: int, port: int, cell: Cell, width: float, devi
         if rank == 0:
             with open(out, "w") as f:
                 json.dump({"img_s": rate * world, "compile_s": comp, "branches": str(count_branches(model))}, f)
+        distributed.shutdown(barrier=True)
     finally:
         distributed.shutdown()
 

@@ -134,6 +134,7 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
         if not dist.is_main:  # a follower: trains what rank 0 broadcasts, talks to no store
             try:
                 distributed.follow(dist, None, device)
+                distributed.shutdown(barrier=True)
             finally:
                 distributed.shutdown()
             return
@@ -141,8 +142,8 @@ def run(recipe, profile, sets, data_root, runs_dir, tracking_uri, storage, devic
         _run_main(rec, recipe, profile, data_root, runs_dir, tracking_uri, storage, device, no_progress, no_deps,
                   workers, devices, no_resume, dist)
     finally:
-        distributed.stop_followers(dist)
-        distributed.shutdown()
+        distributed.stop_followers(dist)  # the followers then leave cleanly, whatever happened here
+        distributed.shutdown(barrier=True)
 
 
 def _launch_torchrun(rec, nproc: int, workers: Optional[int], device: str) -> None:

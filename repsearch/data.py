@@ -737,14 +737,8 @@ class DeviceLoader:
 
     def _shard(self, lo: int, hi: int) -> tuple[int, int]:
         """This rank's rows ``[lo', hi')`` of the global batch ``[lo, hi)``."""
-        if self.world_size == 1:
-            return lo, hi
-        n = hi - lo
-        if n == self.batch_size and n % self.world_size == 0:
-            per = n // self.world_size
-            return lo + self.rank * per, lo + (self.rank + 1) * per
-        bounds = [lo + (n * r) // self.world_size for r in range(self.world_size + 1)]
-        return bounds[self.rank], bounds[self.rank + 1]
+        n, r, w = hi - lo, self.rank, self.world_size
+        return lo + (n * r) // w, lo + (n * (r + 1)) // w  # equal slices of a full (divisible) batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch

@@ -34,7 +34,6 @@ Slurm's ``srun`` (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``, with ``MA
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -169,10 +168,14 @@ def init(cuda: Optional[bool] = None) -> DistContext:
     return _CURRENT
 
 
-def shutdown() -> None:
-    """Leave the process group (idempotent)."""
+def shutdown(barrier: bool = False) -> None:
+    """Leave the process group (idempotent). ``barrier``: on a clean exit, wait for every rank first
+    (no rank tears its connections down while another still uses them); leave it False on an error
+    path, where another rank may never arrive."""
     global _CURRENT
     if _CURRENT is not None and torch.distributed.is_initialized():
+        if barrier:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     _CURRENT = None
 
@@ -203,6 +206,33 @@ def broadcast_buffers(model: nn.Module, dist: Optional[DistContext]) -> None:
         return
     for b in model.buffers():
         torch.distributed.broadcast(b, src=0)
+
+
+def leave_together(report: Callable[[], None], dist: Optional[DistContext], where: str) -> None:
+    """Run ``report`` — what rank 0 alone does for a trial (checkpoint, MLflow, Optuna pruning; a
+    no-op on the other ranks) — so that when it raises on rank 0 every rank leaves the trial at this
+    same point: one broadcast says whether rank 0 stopped. Without a process group ``report`` just runs.
+
+    Args:
+        report: a function of no argument.
+        dist: the trial's process group, or None.
+        where: for the other ranks' message, e.g. ``"after epoch 3"``.
+    Raises:
+        Whatever ``report`` raised (rank 0); :class:`StoppedByRank0` on the other ranks.
+    """
+    if dist is None:
+        report()
+        return
+    error: Optional[BaseException] = None
+    try:
+        report()
+    except Exception as exc:  # noqa: BLE001 (re-raised below, on every rank)
+        error = exc
+    stop = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", dist)
+    if error is not None:
+        raise error
+    if stop is not None:
+        raise StoppedByRank0(f"rank 0 stopped the trial {where}: {stop}")
 
 
 def structure_fingerprint(model: nn.Module) -> str:

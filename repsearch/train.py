@@ -129,11 +129,19 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, amp: bool
             correct += (logits.argmax(1) == labels).sum()
             n += labels.shape[0]
     model.train(was_training)
-    sums = torch.stack([loss_sum, correct.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
-    loss, corr, n = distributed.all_reduce_sum(sums, dist).tolist()
+    loss, corr, n = _epoch_sums(loss_sum, correct, n, dist)
     if n == 0:
         return float("nan"), float("nan")
     return loss / n, 100.0 * corr / n
+
+
+def _epoch_sums(loss_sum: torch.Tensor, correct: torch.Tensor, n: int,
+                dist: Optional["distributed.DistContext"]) -> tuple[float, float, float]:
+    """``(loss sum, correct, images)`` as python floats, summed over the DDP ranks when ``dist``:
+    one all-reduce and one host sync for the three (0-dim device tensors and a python count)."""
+    sums = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(n), dtype=torch.float64, device=loss_sum.device)])
+    total_loss, total_correct, total_n = distributed.all_reduce_sum(sums, dist).tolist()
+    return total_loss, total_correct, total_n
 
 
 class _TrainingForward(nn.Module):
@@ -206,7 +214,6 @@ class Trainer:
         self.method = method
         self.dist = dist
         method.dist = dist
-        self.net: nn.Module = model  # what the training steps call: the model, or its DDP wrapper
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.spec = train_spec
@@ -217,6 +224,7 @@ class Trainer:
         self.channels_last = bool(train_spec.channels_last) and self.cuda
         self.grad_clip = getattr(train_spec, "grad_clip", None)
         self.compiled = CompiledForward(model, getattr(train_spec, "compile", "off"), self.device)
+        self.net: Callable[[torch.Tensor], torch.Tensor] = self.compiled  # what the training steps call
         # channels_last first: a method's optimizer may build per-parameter tensors (RepOpt's Grad
         # Mult) that must match the parameters' final memory format
         self._structure_changed()
@@ -238,7 +246,7 @@ class Trainer:
         rebuild the compiled training forward (``train.compile``)."""
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.compiled.rebuild()
+        self.compiled.rebuild()  # self.net is self.compiled without DDP
         if self.dist is not None:
             # a new DDP wrapper for the new parameters (its constructor broadcasts rank 0's weights),
             # around a shim that calls the (compiled) forward: dynamo then compiles the build's own
@@ -268,8 +276,7 @@ class Trainer:
         n = 0
         step0 = (epoch - 1) * len(self.train_loader)
         clip, clip_params = self.grad_clip, self._clip_params
-        compiled = self.compiled
-        forward = self.net if self.dist is not None else compiled  # DDP(shim) -> compiled -> model
+        compiled, forward = self.compiled, self.net  # DDP(shim) -> compiled -> model, or compiled -> model
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)  # shuffle/augmentation draws keyed by (seed, epoch)
         for i, (images, labels) in enumerate(self.train_loader):
@@ -293,8 +300,7 @@ class Trainer:
                 self.on_step(epoch, i + 1)
         if n == 0:
             raise RuntimeError("the training loader yielded no batch (train_subset smaller than batch_size?)")
-        sums = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(n), dtype=torch.float64, device=self.device)])
-        total_loss, total_correct, n_all = distributed.all_reduce_sum(sums, self.dist).tolist()
+        total_loss, total_correct, n_all = _epoch_sums(loss_sum, correct, n, self.dist)
         return total_loss / n_all, 100.0 * total_correct / n_all, int(n_all), lr
 
     def fit(self, stop_after: Optional[int] = None) -> list[dict[str, float]]:
@@ -371,22 +377,9 @@ class Trainer:
         m.update({k: float(v) for k, v in extra.items()})
         self.history.append(m)
         changed_before, self._changed_last = self._changed_last, bool(changes)
-        if self.dist is None:
-            self._report(epoch, m, changed_before)
-            return
         # DDP: rank 0 checkpoints and reports (MLflow, Optuna); when that raises (a pruned trial, a
-        # full disk) every rank must leave the trial at this same point, or the ranks' collectives
-        # would pair up wrongly: one broadcast per epoch says whether to stop
-        error: Optional[BaseException] = None
-        try:
-            self._report(epoch, m, changed_before)
-        except Exception as exc:  # noqa: BLE001 (re-raised below, on every rank)
-            error = exc
-        stop = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}", self.dist)
-        if error is not None:
-            raise error
-        if stop is not None:
-            raise distributed.StoppedByRank0(f"rank 0 stopped the trial after epoch {epoch}: {stop}")
+        # full disk) every rank leaves the trial here, or the ranks' collectives would pair up wrongly
+        distributed.leave_together(lambda: self._report(epoch, m, changed_before), self.dist, f"after epoch {epoch}")
 
     def _report(self, epoch: int, m: dict[str, float], changed_before: bool) -> None:
         """The epoch's checkpoint (when due) and ``on_epoch`` (rank 0 only under DDP: the others have neither)."""

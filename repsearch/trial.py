@@ -305,18 +305,12 @@ def _run_trial(recipe, data_root, dev, out_dir, on_epoch, progress, method, resu
     try:
         if ckpt is not None:
             state = ckpt["trainer"]
-            error = None
-            try:
-                for epoch, m in enumerate(state["history"], start=1):  # the caller's record of the done epochs
+
+            def replay() -> None:  # the caller's record of the done epochs (rank 0 alone under DDP)
+                for epoch, m in enumerate(state["history"], start=1):
                     epoch_cb(epoch, dict(m))
-            except Exception as exc:  # noqa: BLE001 (re-raised below; DDP: every rank leaves here)
-                error = exc
-            if dist is not None:  # rank 0 alone replays (MLflow, pruning): tell the other ranks
-                stop = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}", dist)
-                if error is None and stop is not None:
-                    raise distributed.StoppedByRank0(f"rank 0 stopped the trial while replaying its checkpoint: {stop}")
-            if error is not None:
-                raise error
+
+            distributed.leave_together(replay, dist, "while replaying its checkpoint")
             if bar is not None:
                 bar.step(len(state["history"]), len(data.train))
             trainer.load_state_dict(state)  # RNG states last: nothing may draw after this but training

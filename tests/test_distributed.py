@@ -141,6 +141,7 @@ def _nobn_worker(rank, world, port, out):
     _join(rank, world, port)
     try:
         _train_nobn(rank, world, out)
+        distributed.shutdown(barrier=True)  # a clean exit: no rank leaves while another still talks
     finally:
         distributed.shutdown()
 
@@ -193,6 +194,7 @@ def _stop_worker(rank, world, port, out):
             except Exception as exc:  # noqa: BLE001
                 seen[attempt] = f"{type(exc).__name__} after {len(trainer.history)}"
         Path(out, f"stop{rank}.json").write_text(json.dumps(seen))
+        distributed.shutdown(barrier=True)  # a clean exit: no rank leaves while another still talks
     finally:
         distributed.shutdown()
 
@@ -243,6 +245,7 @@ def _compile_worker(rank, world, port, out):
         grads = {k: all(p.grad is not None for p in b.parameters()) for k, b in repblocks(model).items()}
         torch.save({"state": model.state_dict(), "counts": [m["compile_count"] for m in history], "graphs": graphs,
                     "grads": grads}, Path(out) / f"compile{rank}.pt")
+        distributed.shutdown(barrier=True)  # a clean exit: no rank leaves while another still talks
     finally:
         distributed.shutdown()
 
@@ -307,6 +310,7 @@ def _trial_worker(rank, world, port, recipes, out, data_root):
     try:
         for tag, recipe_d in recipes:
             _trial(recipe_d, Path(out), data_root, tag, rank)
+        distributed.shutdown(barrier=True)  # a clean exit: no rank leaves while another still talks
     finally:
         distributed.shutdown()
 
@@ -392,6 +396,7 @@ def _resume_worker(rank, world, port, out, data_root):
         if rank != 0:
             trials = distributed.follow(dist, out / "scratch")
             Path(out, "followed.json").write_text(json.dumps(trials))
+            distributed.shutdown(barrier=True)
             return
         recipe = validate_dict(RESUME, "test")
         lead = distributed.leader_trial_fn(run_trial, dist)
@@ -409,6 +414,7 @@ def _resume_worker(rank, world, port, out, data_root):
         torch.save({"ckpt": ckpt.name, "resumed": resumed.history, "straight": straight.history,
                     "resumed_epoch": resumed.resumed_epoch, "events_r": json.dumps(resumed.events),
                     "events_s": json.dumps(straight.events)}, out / "resume.pt")
+        distributed.shutdown(barrier=True)  # a clean exit: no rank leaves while another still talks
     finally:
         distributed.shutdown()
 
@@ -444,6 +450,7 @@ def _accumulator_worker(rank, world, port, out):
             acc.step()
         acc.all_reduce()
         Path(out, f"acc{rank}.json").write_text(json.dumps({"avg": acc.averages(), "n": acc.n_counted()}))
+        distributed.shutdown(barrier=True)  # a clean exit: no rank leaves while another still talks
     finally:
         distributed.shutdown()
 
